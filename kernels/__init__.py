@@ -1,0 +1,1 @@
+"""Triton kernels of chunkmem (``@triton.jit`` code only), installed as ``chunkmem.kernels``."""

@@ -1,0 +1,10 @@
+"""Test configuration: run Triton kernels in the interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
