@@ -67,7 +67,7 @@ def _check_mem_len(mem_len, B, S, device):
         raise ValueError(f"mem_len must have shape (B,) = ({B},), got {tuple(mem_len.shape)}")
     if mem_len.device != device:
         raise ValueError(f"mem_len is on {mem_len.device} but the inputs are on {device}")
-    if B > 0:
+    if B > 0 and not torch.compiler.is_compiling():  # a value check would break the traced graph
         lo, hi = int(mem_len.min()), int(mem_len.max())
         if lo < 0 or hi > S:
             raise ValueError(f"mem_len values must lie in [0, S] = [0, {S}], got min {lo}, max {hi}")
@@ -156,7 +156,8 @@ def hybrid_attention(
             ignored.
         chunk_size: int >= 1 or None (no chunk path). use_global: False skips the global path.
         mem_len: None (all S slots valid) or int tensor (B,) in [0, S]; valid slots are the last
-            mem_len[b]. A row with none gives 0 from the memory path.
+            mem_len[b]. A row with none gives 0 from the memory path. (Under torch.compile the
+            range of its values is not checked: that would need a device sync and a graph break.)
         rope_base: None (no rotation) or float; RoPE on q/k of the global and chunk paths only.
         start_pos: absolute position of key 0 (RoPE only). scale: None -> 1/sqrt(D).
         backend: "auto" (CUDA -> "triton", CPU -> "torch"), "triton", "torch" or "reference".
@@ -227,6 +228,10 @@ def hybrid_attention(
     kwargs = dict(chunk_size=chunk_size, use_global=use_global, rope_base=rope_base,
                   start_pos=start_pos, scale=float(scale))
     name = _resolve_backend(backend, q.device, _triton_attention, args, kwargs)
+    if torch.compiler.is_compiling():
+        from chunkmem.library import hybrid_attention_op
+
+        return hybrid_attention_op(*args, **kwargs, backend=name)
     if name == "reference":
         return reference.hybrid_attention_reference(*args, **kwargs)
     if name == "torch":
