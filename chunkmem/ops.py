@@ -120,7 +120,7 @@ def _triton_memory():
 
 # ----------------------------------------------------------------------------- hybrid attention
 def _normalize_weights(weights, H, paths_on, device):
-    """(3,) / (H, 3) / None -> float32 (H, 3) with zeros for off paths (differentiable)."""
+    """(3,) / (H, 3) / None -> float32 (float64 if given so) (H, 3), zeros for off paths (differentiable)."""
     on = torch.tensor(paths_on, dtype=torch.float32, device=device)
     if weights is None:
         return (on / on.sum()).expand(H, 3)
@@ -136,7 +136,8 @@ def _normalize_weights(weights, H, paths_on, device):
         weights = weights.expand(H, 3)
     elif tuple(weights.shape) != (H, 3):
         raise ValueError(f"weights must have shape (3,) or (H, 3) = ({H}, 3), got {tuple(weights.shape)}")
-    return weights.to(torch.float32) * on
+    dtype = torch.float64 if weights.dtype == torch.float64 else torch.float32  # fp64 for gradcheck
+    return weights.to(dtype) * on.to(dtype)
 
 
 def hybrid_attention(
