@@ -52,27 +52,31 @@ def _chunk_attention(q, k, v, chunk_size, scale):
     q: (B, H, Tq, D); k, v: (B, G, Tk, D) -> (B, H, Tq, D). Only the chunks that hold a query are
     computed: the query block is padded in front to the start of its first chunk, and both sides
     are padded at the end to whole chunks (padded keys lie after every real query, so the causal
-    mask hides them; padded query rows are dropped).
+    mask hides them; padded query rows are dropped). The chunks are then folded into the head
+    dimension, (B, H, n*C, D) -> (B, H*n, C, D), a free view, so one causal SDPA call runs them all
+    (GQA's k/v are expanded to H heads first, since folding breaks SDPA's head grouping).
     """
     B, H, Tq, D = q.shape
     G, Tk = k.shape[1], k.shape[2]
     C = chunk_size
     first = (Tk - Tq) // C * C  # key index where the first chunk holding a query starts
-    k, v = k[:, :, first:], v[:, :, first:]
     lead = Tk - Tq - first  # keys of that chunk before the first query
     n_chunks = math.ceil((Tk - first) / C)
     tail = n_chunks * C - (Tk - first)
-    q = F.pad(q, (0, 0, lead, tail))
-    k = F.pad(k, (0, 0, 0, tail))
-    v = F.pad(v, (0, 0, 0, tail))
+    if G != H:
+        k = k.repeat_interleave(H // G, dim=1)
+        v = v.repeat_interleave(H // G, dim=1)
+    k, v = k[:, :, first:], v[:, :, first:]
+    if lead or tail:
+        q = F.pad(q, (0, 0, lead, tail))
+    if tail:
+        k, v = F.pad(k, (0, 0, 0, tail)), F.pad(v, (0, 0, 0, tail))
 
-    def to_chunks(x):  # (B, h, n*C, D) -> (B*n, h, C, D)
-        h = x.shape[1]
-        return x.reshape(B, h, n_chunks, C, D).transpose(1, 2).reshape(B * n_chunks, h, C, D)
+    def fold(x):  # (B, H, n*C, D) -> (B, H*n, C, D)
+        return x.reshape(B, H * n_chunks, C, D)
 
-    o = _causal_sdpa(to_chunks(q), to_chunks(k), to_chunks(v), scale)
-    o = o.reshape(B, n_chunks, H, C, D).transpose(1, 2).reshape(B, H, n_chunks * C, D)
-    return o[:, :, lead: lead + Tq]
+    o = _causal_sdpa(fold(q), fold(k), fold(v), scale)
+    return o.reshape(B, H, n_chunks * C, D)[:, :, lead: lead + Tq]
 
 
 def _memory_attention(q, mem_k, mem_v, mem_len, scale):
