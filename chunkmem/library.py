@@ -7,9 +7,9 @@ fake (meta) implementation for shapes, so a model using the op compiles with
 ``fullgraph=True`` and no graph break, whatever the backend (Triton kernels or the PyTorch
 fallback).
 
-The op's backward is a second custom op that recomputes the forward under autograd and
-differentiates it (activation checkpointing of this one op): it keeps the compiled graph free of
-backend internals, at the cost of one extra forward of the attention in compiled training.
+The op's backward is a second custom op that recomputes the forward and differentiates it
+(activation checkpointing of this one op): it keeps the compiled graph free of backend internals,
+at the cost of one extra forward of the attention in compiled training.
 """
 from __future__ import annotations
 
@@ -68,22 +68,30 @@ def hybrid_attention_backward_op(
 ) -> list[torch.Tensor]:
     """Gradients (dq, dk, dv, dmem_k, dmem_v, dweights); empty tensors stand for absent memory.
 
-    ``torch.func.vjp`` rather than ``torch.autograd.grad``: a custom op's body runs below the
-    autograd dispatch key, where only functorch transforms can still differentiate.
+    A custom op's body runs below the autograd dispatch key, so the backends are differentiated
+    with ``torch.func.vjp``, except the Triton kernels, which cannot run on functorch's wrapped
+    tensors and have their own autograd-free entry point.
     """
     has_mem = mem_k is not None
+    if backend == "triton":
+        from chunkmem.triton_attention import hybrid_attention_triton_vjp
 
-    def forward(q, k, v, weights, *mem):
-        mk, mv = mem if has_mem else (None, None)
-        return _run(backend, q, k, v, mk, mv, weights, mem_len, chunk_size, use_global, rope_base,
-                    start_pos, scale)
+        dq, dk, dv, dmk, dmv, dw = hybrid_attention_triton_vjp(
+            grad_out, q, k, v, mem_k, mem_v, weights, mem_len, chunk_size=chunk_size,
+            use_global=use_global, rope_base=rope_base, start_pos=start_pos, scale=scale)
+    else:
+        def forward(q, k, v, weights, *mem):
+            mk, mv = mem if has_mem else (None, None)
+            return _run(backend, q, k, v, mk, mv, weights, mem_len, chunk_size, use_global,
+                        rope_base, start_pos, scale)
 
-    primals = (q, k, v, weights) + ((mem_k, mem_v) if has_mem else ())
-    _, vjp = torch.func.vjp(forward, *primals)
-    grads = vjp(grad_out)
-    dq, dk, dv, dw = grads[:4]
-    dmk, dmv = grads[4:] if has_mem else (q.new_empty(0), q.new_empty(0))
-    return [g.contiguous() for g in (dq, dk, dv, dmk, dmv, dw)]
+        primals = (q, k, v, weights) + ((mem_k, mem_v) if has_mem else ())
+        _, vjp = torch.func.vjp(forward, *primals)
+        dq, dk, dv, dw, *mem_grads = vjp(grad_out)
+        dmk, dmv = mem_grads if has_mem else (None, None)
+    if not has_mem:
+        dmk = dmv = q.new_empty(0)
+    return [g.clone(memory_format=torch.contiguous_format) for g in (dq, dk, dv, dmk, dmv, dw)]
 
 
 @hybrid_attention_backward_op.register_fake

@@ -52,3 +52,30 @@ def test_compiled_op_call_matches_eager_for_decode_shape():
         return chunkmem.hybrid_attention(q, k, v, chunk_size=4, rope_base=10000.0, start_pos=5)
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_op_with_triton_kernels_in_the_interpreter_matches_eager():
+    """The same registration with the Triton backend (interpreter on CPU): output and gradients.
+
+    Eager and compiled runs call the same kernels (the compiled backward recomputes the forward),
+    so they agree to float32 rounding.
+    """
+    torch.manual_seed(2)
+    q = torch.randn(1, 2, 10, 32, requires_grad=True)
+    k = torch.randn(1, 1, 12, 32, requires_grad=True)
+    v = torch.randn(1, 1, 12, 32, requires_grad=True)
+    mk = torch.randn(1, 1, 4, 32, requires_grad=True)
+    mv = torch.randn(1, 1, 4, 32, requires_grad=True)
+    w = torch.rand(2, 3, requires_grad=True)
+    inputs = (q, k, v, mk, mv, w)
+
+    def f(q, k, v, mk, mv, w):
+        return chunkmem.hybrid_attention(q, k, v, mk, mv, weights=w, chunk_size=4, rope_base=10000.0,
+                                         mem_len=torch.tensor([3]), backend="triton")
+
+    out_eager = f(*inputs)
+    out_comp = torch.compile(f, fullgraph=True)(*inputs)
+    torch.testing.assert_close(out_comp, out_eager, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out_eager)
+    for a, b in zip(torch.autograd.grad(out_comp, inputs, g), torch.autograd.grad(out_eager, inputs, g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,135 @@
+"""Ahead-of-time compile check of every Triton kernel variant, no GPU needed.
+
+    python -m chunkmem.compile_check [--arch 80 90] [--jobs 2] [--filter SUBSTRING]
+
+Collects the variants of each module in ``MODULES`` that exposes ``compile_variants()`` (a list
+of dicts with keys name, fn, signature, constexprs, num_warps, num_stages), compiles each with
+``triton.compile`` for ``GPUTarget("cuda", arch, 32)``, and prints registers and spills (REG and
+STACK from ``cuobjdump -res-usage`` on the cubin) and shared memory (compiled metadata) per
+variant and target. Exits 1 on any compile error, any spill (STACK > 0) or shared memory above
+the target's per-block limit.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+MODULES = ("chunkmem.triton_attention", "chunkmem.triton_memory")
+# Largest dynamic shared memory per block (opt-in), bytes.
+SMEM_LIMIT = {80: 166912, 90: 232448}
+
+
+def _load_variants(module_name: str):
+    """The module's compile_variants(), or None when it is absent or has no such function."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            return None
+        raise
+    fn = getattr(module, "compile_variants", None)
+    return None if fn is None else fn()
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else "cuobjdump"
+
+
+def _res_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) of the kernel in a cubin, from cuobjdump -res-usage."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        text = subprocess.run([_cuobjdump(), "-res-usage", path], check=True,
+                              capture_output=True, text=True).stdout
+    finally:
+        os.unlink(path)
+    reg = re.search(r"REG:(\d+)", text)
+    stack = re.search(r"STACK:(\d+)", text)
+    if reg is None or stack is None:
+        raise RuntimeError(f"cannot parse cuobjdump output:\n{text}")
+    return int(reg.group(1)), int(stack.group(1))
+
+
+def _compile_one(job):
+    """Compile variant `index` of `module_name` for `arch`; returns a result row (dict)."""
+    module_name, index, arch = job
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    v = _load_variants(module_name)[index]
+    row = dict(name=v["name"], arch=arch, reg=None, stack=None, smem=None, error=None)
+    t0 = time.time()
+    try:
+        src = triton.compiler.ASTSource(fn=v["fn"], signature=v["signature"],
+                                        constexprs=v["constexprs"])
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=v["num_warps"],
+                                               num_stages=v["num_stages"]))
+        row["smem"] = int(compiled.metadata.shared)
+        row["reg"], row["stack"] = _res_usage(compiled.asm["cubin"])
+    except Exception as exc:  # reported in the table, makes the check fail
+        row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+    row["seconds"] = time.time() - t0
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SMEM_LIMIT))
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--filter", default="", help="only variants whose name contains this")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("compile_check compiles for real GPUs: unset TRITON_INTERPRET", file=sys.stderr)
+        return 2
+
+    jobs = []
+    for module_name in MODULES:
+        variants = _load_variants(module_name)
+        if variants is None:
+            print(f"# {module_name}: no compile_variants(), skipped")
+            continue
+        for i, v in enumerate(variants):
+            if args.filter in v["name"]:
+                jobs.extend((module_name, i, arch) for arch in args.arch)
+    t0 = time.time()
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            rows = list(pool.map(_compile_one, jobs))
+    else:
+        rows = [_compile_one(j) for j in jobs]
+
+    failed = 0
+    print(f"{'variant':<44} {'sm':>3} {'REG':>4} {'STACK':>5} {'SMEM(B)':>8} {'s':>5}  status")
+    for r in rows:
+        problems = []
+        if r["error"]:
+            problems.append(r["error"])
+        else:
+            if r["stack"] > 0:
+                problems.append(f"spills {r['stack']} B")
+            if r["smem"] > SMEM_LIMIT[r["arch"]]:
+                problems.append(f"smem > {SMEM_LIMIT[r['arch']]}")
+        failed += bool(problems)
+        print(f"{r['name']:<44} {r['arch']:>3} {r['reg'] if r['reg'] is not None else '-':>4} "
+              f"{r['stack'] if r['stack'] is not None else '-':>5} "
+              f"{r['smem'] if r['smem'] is not None else '-':>8} {r['seconds']:>5.1f}  "
+              f"{'; '.join(problems) or 'ok'}")
+    print(f"# {len(rows)} compiles, {failed} failed, {time.time() - t0:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,428 @@
+"""Triton backend of hybrid attention (SPEC §1): autograd wrapper, block sizes, compile variants.
+
+The kernels are in :mod:`chunkmem.kernels.hybrid_attention`; arguments arrive in the normalized
+form of :mod:`chunkmem.ops` (q (B, H, Tq, D); k, v (B, G, Tk, D); mem_k, mem_v (B, G, S, D) or
+None; weights (H, 3) fp32; mem_len (B,) int or None).
+
+Launches:
+- forward: one kernel, grid (cdiv(Tq, BLOCK_M), B*H). All three paths in one pass; the chunk
+  path reuses the global path's QK^T tiles; RoPE in registers.
+- backward: four kernels, all deterministic (no atomics; ``deterministic=True`` is accepted and
+  changes nothing):
+  1. preprocess, grid (cdiv(Tq, BLOCK_M), B*H): DI[b,h,p,i] = sum_d dO * O_p;
+  2. dq, grid (cdiv(Tq, BLOCK_M), B*H), all paths;
+  3. dk/dv, grid (cdiv(Tk, BLOCK_N), B*G), looping over the H/G query heads of the group;
+  4. dmem_k/dmem_v, grid (cdiv(S, BLOCK_N), B*G), likewise.
+  dweights[h, p] = sum_{b,i} DI[b, h, p, i] (a small torch reduction of the (B, H, 3, Tq) DI).
+
+Entry points: ``hybrid_attention_triton`` (autograd), ``hybrid_attention_triton_vjp`` (the
+gradients without autograd, for a torch.library backward op: torch.func transforms cannot run
+Triton kernels on their wrapped tensors), ``unsupported_reason`` (the caller falls back to the
+torch backend when it returns a string), ``block_config`` / ``compile_variants`` (launch
+configurations, shared by the launches and ``python -m chunkmem.compile_check``).
+
+Precision: softmax statistics and accumulators in fp32; fp16/bf16 tiles feed the tensor cores,
+fp32 inputs use exact fp32 dots. RoPE angles are exact fixed-point (see the kernels' ``_rope``).
+Unsupported (-> torch backend): head dims other than 32/64/128/256, the fp32 backward at
+D >= 128 on a GPU (no spill-free configuration), bf16 in the interpreter, pre-sm_80 GPUs.
+
+Activation memory saved for the backward, beyond the inputs and the output:
+- LSE (B, H, 3, Tq) fp32 (log2 units): 12 bytes per query row and head;
+- the normalized per-path outputs O_p (B, H, Tq, D) in q's dtype, one per path that is on, only
+  when a gradient is needed. That is up to 3x the output's size, linear in T. They give the
+  backward ``DI_p = rowsum(dO * O_p)``, needed both for the softmax gradient of each path
+  (dS_p = w_p P_p (dP - DI_p)) and for dweights, without re-running the forward.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+__all__ = [
+    "hybrid_attention_triton",
+    "hybrid_attention_triton_vjp",
+    "unsupported_reason",
+    "block_config",
+    "compile_variants",
+    "SUPPORTED_HEAD_DIMS",
+]
+
+SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+KERNEL_KINDS = ("fwd", "bwd_preprocess", "bwd_dq", "bwd_dkdv", "bwd_dmem")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel kind, element size (2 or 4 bytes) and D.
+# BLOCK_M indexes queries, BLOCK_N keys (or memory slots). Every entry compiles for sm_80 and
+# sm_90 with no spill and shared memory under the sm_80/sm_90 limits (and under the 99 KB of
+# sm_86/sm_89): `python -m chunkmem.compile_check`. Found by compiling candidates, not by timing
+# (no GPU was available): the fused RoPE and the two online-softmax states cost registers, so
+# the tiles are smaller than a plain flash kernel's.
+# fp32 uses exact ("ieee") dots, which run on FMA units: only 16 x 16 tiles fit, and the fp32
+# backward at D >= 128 spills at every size tried -> unsupported (see unsupported_reason).
+_GPU_CONFIGS = {
+    ("fwd", 2): {32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
+    ("bwd_dq", 2): {32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
+    ("bwd_dkdv", 2): {32: (32, 32, 4, 2), 64: (32, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
+    ("fwd", 4): {32: (16, 16, 4, 1), 64: (16, 16, 8, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
+    ("bwd_dq", 4): {32: (16, 16, 4, 1), 64: (16, 16, 4, 2)},
+    ("bwd_dkdv", 4): {32: (16, 16, 4, 2), 64: (16, 16, 8, 1)},
+    ("bwd_dmem", 4): {32: (16, 16, 2, 1), 64: (16, 16, 2, 1)},
+}
+_GPU_CONFIGS[("bwd_dmem", 2)] = _GPU_CONFIGS[("bwd_dkdv", 2)]
+
+
+def has_gpu_config(kind: str, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether `kind` has a spill-free GPU launch configuration for this dtype and D."""
+    if kind == "bwd_preprocess":
+        return head_dim in SUPPORTED_HEAD_DIMS
+    return head_dim in _GPU_CONFIGS[(kind, 4 if dtype == torch.float32 else 2)]
+
+
+def block_config(kind: str, dtype: torch.dtype, head_dim: int, interpret: bool | None = None):
+    """Launch configuration of one kernel: dict(BLOCK_M, BLOCK_N, num_warps, num_stages).
+
+    kind: one of KERNEL_KINDS; dtype: q's dtype; head_dim: D. Under the Triton interpreter the
+    blocks are 16 x 16 (smallest tl.dot size) so that small test shapes span several blocks.
+    """
+    if interpret is None:
+        interpret = _interpreting()
+    if kind == "bwd_preprocess":  # row-wise dot: (4096 / D) rows x D per program
+        bm = 16 if interpret else 4096 // head_dim
+        return dict(BLOCK_M=bm, BLOCK_N=bm, num_warps=4, num_stages=1)
+    if interpret:
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if not has_gpu_config(kind, dtype, head_dim):
+        raise ValueError(f"no spill-free GPU configuration of kernel {kind} for {dtype}, D={head_dim} "
+                         "(unsupported_reason reports this case)")
+    bm, bn, warps, stages = _GPU_CONFIGS[(kind, 4 if dtype == torch.float32 else 2)][head_dim]
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+
+def unsupported_reason(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_global,
+                       rope_base, start_pos, scale, deterministic=False):
+    """None when the kernels handle these (normalized) arguments, else a string saying why not."""
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} is not supported (fp32, fp16, bf16)"
+    D = q.shape[-1]
+    if D not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {D} is not supported by the kernels (one of {SUPPORTED_HEAD_DIMS})"
+    if q.device.type == "cuda":
+        if _interpreting():
+            return "TRITON_INTERPRET=1 runs kernels on CPU tensors only"
+        if torch.cuda.get_device_capability(q.device) < (8, 0):
+            return "the kernels need an sm_80 or newer GPU"
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, mem_k, mem_v, weights))
+        if needs_grad and not all(has_gpu_config(kind, q.dtype, D)
+                                  for kind in ("bwd_dq", "bwd_dkdv", "bwd_dmem")):
+            return (f"no spill-free backward kernel configuration for {q.dtype} at head dim {D} "
+                    "(fp32 backward needs D <= 64)")
+    elif q.device.type == "cpu":
+        if not _interpreting():
+            return "CPU tensors need TRITON_INTERPRET=1"
+        if q.dtype == torch.bfloat16:
+            return "bf16 tl.dot is not supported by the Triton interpreter"
+    else:
+        return f"device {q.device.type} is not supported"
+    if max(q.shape[2], k.shape[2], mem_k.shape[2] if mem_k is not None else 0) >= 2 ** 30:
+        return "sequence too long for 32-bit in-head offsets"
+    if not (-2 ** 31 <= int(start_pos) and int(start_pos) + k.shape[2] < 2 ** 31):
+        return "positions start_pos .. start_pos + Tk must fit in int32"
+    return None
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _rope_step(head_dim: int, rope_base: float | None, device):
+    """RoPE frequencies for the kernels' fixed-point angles: (D/2,) int64, theta_t / (2 pi) in
+    units of 2**-48 turns, theta_t = rope_base ** (-2t/D) computed in float64."""
+    if rope_base is None:
+        return torch.zeros(head_dim // 2, dtype=torch.int64, device=device)
+    t = torch.arange(head_dim // 2, dtype=torch.float64)
+    theta = rope_base ** (-2.0 * t / head_dim)
+    return torch.round(theta / (2 * math.pi) * 2.0 ** 48).to(torch.int64).to(device)
+
+
+def _chunk(chunk_size, Tk: int) -> int:
+    """Chunk size for the kernels: membership is unchanged by clamping it to Tk, which keeps the
+    index arithmetic in int32; 1 (unused) when there is no chunk path."""
+    return 1 if chunk_size is None else min(int(chunk_size), Tk)
+
+
+def _mem_len_i32(mem_len, device):
+    """mem_len (B,) as contiguous int32 on the device; a dummy when there is no memory."""
+    if mem_len is None:
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    return mem_len.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _dot_precision(dtype) -> str:
+    """tl.dot input precision: exact products for fp32 ("ieee", as torch with TF32 off; TF32 and
+    3xTF32 variants spilled registers at every tile size tried); fp16/bf16 dots ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _forward_impl(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global, rope_base,
+                  start_pos, scale, store_paths):
+    """Launch the forward kernel -> (out, lse, o_global, o_chunk, o_mem); a path output is an
+    empty tensor unless store_paths and the path is on."""
+    from chunkmem.kernels.hybrid_attention import hybrid_attention_fwd_kernel
+
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, Tq, D = q.shape
+    G, Tk = k.shape[1], k.shape[2]
+    has_mem = mem_k is not None
+    has_chunk = chunk_size is not None
+    if has_mem:
+        mem_k, mem_v = mem_k.contiguous(), mem_v.contiguous()
+        S = mem_k.shape[2]
+    else:
+        mem_k = mem_v = q  # dummy pointers, never read
+        S = 0
+    mem_len = _mem_len_i32(mem_len, q.device)
+    w = weights.detach().to(device=q.device, dtype=torch.float32).contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, 3, Tq, dtype=torch.float32, device=q.device)
+    paths = [torch.empty_like(q) if (store_paths and on) else q.new_empty(0)
+             for on in (use_global, has_chunk, has_mem)]
+    cfg = block_config("fwd", q.dtype, D)
+    if out.numel() > 0:
+        hybrid_attention_fwd_kernel[(triton_cdiv(Tq, cfg["BLOCK_M"]), B * H)](
+            q, k, v, mem_k, mem_v, w, mem_len, _rope_step(D, rope_base, q.device), out, lse,
+            *[p if p.numel() else q for p in paths],
+            H, G, Tq, Tk, S, _chunk(chunk_size, Tk), int(start_pos),
+            float(scale) * math.log2(math.e),
+            HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            USE_GLOBAL=bool(use_global), HAS_CHUNK=has_chunk, HAS_MEM=has_mem,
+            ROPE=rope_base is not None, STORE_PATHS=bool(store_paths),
+            DOT_PREC=_dot_precision(q.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return (out, lse, *paths)
+
+
+class _HybridAttentionFn(torch.autograd.Function):
+    """Autograd of the fused kernels: forward returns (out, lse, o_global, o_chunk, o_mem), all
+    but out non-differentiable saved statistics."""
+
+    @staticmethod
+    def forward(*args):
+        return _forward_impl(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global, rope_base, start_pos, \
+            scale, store_paths = inputs
+        out, lse, og, oc, om = output
+        ctx.mark_non_differentiable(lse, og, oc, om)
+        ctx.save_for_backward(q, k, v, mem_k, mem_v, weights, mem_len, lse, og, oc, om)
+        ctx.meta = _meta(k, mem_k, chunk_size, use_global, rope_base, start_pos, scale,
+                         store_paths)
+
+    @staticmethod
+    def backward(ctx, dout, *_unused):
+        if not ctx.meta["store_paths"]:
+            raise RuntimeError("hybrid_attention_triton: backward through a forward that ran "
+                               "without grad-requiring inputs (path outputs were not saved)")
+        grads = _backward_impl(dout, *ctx.saved_tensors, ctx.meta, ctx.needs_input_grad)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _meta(k, mem_k, chunk_size, use_global, rope_base, start_pos, scale, store_paths):
+    return dict(C=_chunk(chunk_size, k.shape[2]), use_global=bool(use_global),
+                has_chunk=chunk_size is not None, has_mem=mem_k is not None,
+                rope_base=rope_base, start_pos=int(start_pos), scale=float(scale),
+                store_paths=bool(store_paths))
+
+
+def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, lse, og, oc, om, m, need):
+    """Launch the backward kernels -> (dq, dk, dv, dmem_k, dmem_v, dweights); m: the forward's
+    meta dict (see _meta), need: which of the six gradients are wanted (others may be zeros or
+    None)."""
+    from chunkmem.kernels.hybrid_attention import (
+        hybrid_attention_bwd_dkdv_kernel,
+        hybrid_attention_bwd_dmem_kernel,
+        hybrid_attention_bwd_dq_kernel,
+        hybrid_attention_bwd_preprocess_kernel,
+    )
+
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, Tq, D = q.shape
+    G, Tk = k.shape[1], k.shape[2]
+    S = mem_k.shape[2] if m["has_mem"] else 0
+    if m["has_mem"]:
+        mem_k, mem_v = mem_k.contiguous(), mem_v.contiguous()
+    else:
+        mem_k = mem_v = q
+    og, oc, om = (p if p.numel() else q for p in (og, oc, om))
+    mem_len = _mem_len_i32(mem_len, q.device)
+    w = weights.detach().to(device=q.device, dtype=torch.float32).contiguous()
+    rope_step = _rope_step(D, m["rope_base"], q.device)
+    dout = dout.contiguous()
+    flags = dict(USE_GLOBAL=m["use_global"], HAS_CHUNK=m["has_chunk"])
+    prec = _dot_precision(q.dtype)
+    qk_scale = m["scale"] * math.log2(math.e)
+    run = dout.numel() > 0
+    run_dq = run and need[0]
+    run_dkdv = run and (need[1] or need[2]) and (m["use_global"] or m["has_chunk"])
+    run_dmem = run and (need[3] or need[4])  # need[3] implies memory is on
+    # The kernels write every valid row of the gradients they compute.
+    dq = torch.empty_like(q) if run_dq else torch.zeros_like(q)
+    dk = torch.empty_like(k) if run_dkdv else torch.zeros_like(k)
+    dv = torch.empty_like(v) if run_dkdv else torch.zeros_like(v)
+    dmk = dmv = None
+    if m["has_mem"]:
+        dmk = torch.empty_like(mem_k) if run_dmem else torch.zeros_like(mem_k)
+        dmv = torch.empty_like(mem_v) if run_dmem else torch.zeros_like(mem_v)
+    di = torch.zeros(B, H, 3, Tq, dtype=torch.float32, device=q.device)
+    if run:
+        cfg = block_config("bwd_preprocess", q.dtype, D)
+        hybrid_attention_bwd_preprocess_kernel[(triton_cdiv(Tq, cfg["BLOCK_M"]), B * H)](
+            dout, og, oc, om, di, Tq, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"],
+            HAS_MEM=m["has_mem"], **flags,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if run_dq:
+        cfg = block_config("bwd_dq", q.dtype, D)
+        hybrid_attention_bwd_dq_kernel[(triton_cdiv(Tq, cfg["BLOCK_M"]), B * H)](
+            q, k, v, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, dq,
+            H, G, Tq, Tk, S, m["C"], m["start_pos"], qk_scale, m["scale"],
+            HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            HAS_MEM=m["has_mem"], ROPE=m["rope_base"] is not None, DOT_PREC=prec, **flags,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if run_dkdv:
+        cfg = block_config("bwd_dkdv", q.dtype, D)
+        hybrid_attention_bwd_dkdv_kernel[(triton_cdiv(Tk, cfg["BLOCK_N"]), B * G)](
+            q, k, v, dout, w, rope_step, lse, di, dk, dv,
+            H, G, Tq, Tk, m["C"], m["start_pos"], qk_scale, m["scale"],
+            HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            ROPE=m["rope_base"] is not None, DOT_PREC=prec, **flags,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if run_dmem:
+        cfg = block_config("bwd_dmem", q.dtype, D)
+        hybrid_attention_bwd_dmem_kernel[(triton_cdiv(S, cfg["BLOCK_N"]), B * G)](
+            q, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, dmk, dmv,
+            H, G, Tq, S, qk_scale, m["scale"],
+            HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DOT_PREC=prec,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    dw = di.sum(dim=(0, 3)).to(weights.dtype) if need[5] else None  # (H, 3)
+    return dq, dk, dv, dmk, dmv, dw
+
+
+def hybrid_attention_triton(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_global,
+                            rope_base, start_pos, scale, deterministic=False):
+    """Fused Triton hybrid attention on normalized arguments (see module docstring) -> (B, H, Tq, D).
+
+    Differentiable in q, k, v, mem_k, mem_v and weights. Every kernel is deterministic (no
+    atomics), so ``deterministic`` is accepted for API compatibility and has no effect.
+    """
+    # The backward needs the per-path outputs: save them only when autograd can ask for it.
+    store_paths = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, mem_k, mem_v, weights))
+    return _HybridAttentionFn.apply(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size,
+                                    use_global, rope_base, start_pos, scale, store_paths)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile variants (used by `python -m chunkmem.compile_check`)
+# ----------------------------------------------------------------------------------------------
+_FP32_PTRS = {"W", "LSE", "DI"}
+_I32_PTRS = {"MEMLEN"}
+_I64_PTRS = {"ROPE_STEP"}
+_I32_ARGS = {"H", "G", "Tq", "Tk", "S", "chunk_size", "start_pos"}
+_F32_ARGS = {"qk_scale", "scale"}
+
+
+def _kernel_args(fn) -> list:
+    """(name, is_constexpr) of each kernel argument, from the Python signature (works for the
+    JITFunction and for the interpreter's wrapper)."""
+    import inspect
+
+    import triton.language as tl
+
+    params = inspect.signature(getattr(fn, "fn", fn)).parameters.values()
+    return [(p.name, p.annotation is tl.constexpr) for p in params]
+
+
+def _signature(fn, dtype: str) -> dict:
+    """triton.compile signature of a kernel: every argument's type string ("constexpr" for
+    constexprs); tensor pointers take the data dtype, statistics fp32, mem_len int32."""
+    sig = {}
+    for name, is_constexpr in _kernel_args(fn):
+        if is_constexpr:
+            sig[name] = "constexpr"
+        elif name in _FP32_PTRS:
+            sig[name] = "*fp32"
+        elif name in _I32_PTRS:
+            sig[name] = "*i32"
+        elif name in _I64_PTRS:
+            sig[name] = "*i64"
+        elif name in _I32_ARGS:
+            sig[name] = "i32"
+        elif name in _F32_ARGS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "*" + dtype
+    return sig
+
+
+def compile_variants() -> list:
+    """Every kernel x dtype (fp32/fp16/bf16) x D (32/64/128/256) with its launch configuration
+    (except the fp32 backward at D >= 128, which has none).
+
+    Each variant has all paths on, RoPE and saved path outputs: the largest code of its kernel.
+    Returns dicts with keys name, fn, signature, constexprs, num_warps, num_stages.
+    """
+    from chunkmem.kernels import hybrid_attention as kern
+
+    fns = {
+        "fwd": kern.hybrid_attention_fwd_kernel,
+        "bwd_preprocess": kern.hybrid_attention_bwd_preprocess_kernel,
+        "bwd_dq": kern.hybrid_attention_bwd_dq_kernel,
+        "bwd_dkdv": kern.hybrid_attention_bwd_dkdv_kernel,
+        "bwd_dmem": kern.hybrid_attention_bwd_dmem_kernel,
+    }
+    flags = dict(USE_GLOBAL=True, HAS_CHUNK=True, HAS_MEM=True, ROPE=True, STORE_PATHS=True)
+    variants = []
+    for dtype in _DTYPES:
+        tdt = _TRITON_DTYPE[dtype]
+        for D in SUPPORTED_HEAD_DIMS:
+            for kind, fn in fns.items():
+                if not has_gpu_config(kind, dtype, D):
+                    continue  # unsupported_reason sends these cases to the torch backend
+                cfg = block_config(kind, dtype, D, interpret=False)
+                values = dict(HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                              DOT_PREC=_dot_precision(dtype), **flags)
+                constexprs = {n: values[n] for n, is_cx in _kernel_args(fn) if is_cx}
+                variants.append(dict(
+                    name=f"attn_{kind}_{tdt}_d{D}_m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}",
+                    fn=fn, signature=_signature(fn, tdt), constexprs=constexprs,
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return variants
+
+
+def hybrid_attention_triton_vjp(dout, q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size,
+                                use_global, rope_base, start_pos, scale):
+    """Gradients of hybrid_attention_triton without autograd: recompute the forward (saving the
+    path statistics), then run the backward kernels.
+
+    dout: (B, H, Tq, D). Returns (dq, dk, dv, dmem_k, dmem_v, dweights), the memory gradients
+    None without memory. For callers that cannot use autograd (a torch.library backward op):
+    torch.func transforms cannot run the kernels, whose tensors must be plain.
+    """
+    out, lse, og, oc, om = _forward_impl(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size,
+                                         use_global, rope_base, start_pos, scale, True)
+    meta = _meta(k, mem_k, chunk_size, use_global, rope_base, start_pos, scale, True)
+    has_mem = mem_k is not None
+    need = (True, True, True, has_mem, has_mem, True)
+    return _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, lse, og, oc, om, meta,
+                          need)

@@ -1,0 +1,557 @@
+"""Fused Triton kernels of hybrid attention (SPEC §1): forward and backward, ``@triton.jit`` only.
+
+Launch, block sizes and autograd live in :mod:`chunkmem.triton_attention`. Layout (all tensors
+contiguous): q, out, do, dq and the saved per-path outputs (B, H, Tq, D); k, v, dk, dv (B, G, Tk, D);
+mem_k, mem_v, dmem_k, dmem_v (B, G, S, D); weights (H, 3) fp32; mem_len (B,) int32; rope_step
+(D/2,) int64 (``rope_base ** (-2t/D) / (2 pi)`` in units of 2**-48 turns); LSE and DI
+(B, H, 3, Tq) fp32, path index 0 = global, 1 = chunk, 2 = memory.
+
+Conventions:
+- Scores live in log2 units: ``s = (q . k) * scale * log2(e)``, softmax with ``exp2``. The saved
+  LSE is ``m + log2(l)`` in the same units, so the backward recomputes ``P = exp2(s - LSE)``.
+- Every vector is handled as two halves ``x[:D/2], x[D/2:]`` so that rotate-half RoPE is applied
+  in registers (``x1 c - x2 s``, ``x2 c + x1 s``) and ``q . k = q1 . k1 + q2 . k2`` is two dots.
+  No rotated copy of q or k is ever written to HBM.
+- Masked scores are ``-inf``; the running max starts at a finite sentinel, so a row without any
+  valid key keeps ``l = 0`` and gives output 0 and ``LSE = _EMPTY_LSE`` (finite), never NaN.
+  Only the tiles that need it are masked: key tiles below the diagonal and before the chunk
+  window of every row of a query block run unmasked (``MASKED=False``), and so do, in the
+  dk/dv kernel, the query tiles past the key block's diagonal and chunk window.
+- Padded query rows (i >= Tq) are not masked in the score tiles: their q, dO, LSE and DI load
+  as 0, so they contribute exactly 0 to dk/dv, and their outputs are never stored.
+- RoPE angles are computed exactly in fixed point (see ``_rope``), so their accuracy does not
+  degrade with the position.
+- One generic loop per direction serves every path: "state 1" / "state 2" are (global, chunk)
+  over the causal key range, or (memory, unused) over the memory slots (``MEM=True``), so the
+  chunk path reuses the global path's QK^T tile.
+"""
+import triton
+import triton.language as tl
+
+# Running-max start and LSE of a row with no valid key (finite, so exp2(-inf - x) stays 0).
+_EMPTY_LSE = tl.constexpr(-1.0e30)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _cos_sin_turns(t):
+    """cos and sin of 2*pi*t for t in [0, 1), branch-free: t*4 - nearest integer is exact, so
+    the reduced angle r in [-pi/4, pi/4] carries only t's own rounding; Taylor polynomials on
+    that range (truncation < 2e-9). tl.cos/tl.sin are avoided on purpose: they lower to
+    libdevice, whose Payne-Hanek slow path puts a local array on the stack (cuobjdump
+    STACK > 0) of every kernel that uses them."""
+    t4 = t * 4.0
+    k = tl.floor(t4 + 0.5)
+    r = (t4 - k) * 1.5707963267948966
+    r2 = r * r
+    sn = r + r * r2 * (-1.6666666666666666e-01 + r2 * (8.333333333333333e-03 + r2 * (
+        -1.984126984126984e-04 + r2 * (2.7557319223985893e-06 + r2 * -2.505210838544172e-08))))
+    cs = 1.0 + r2 * (-0.5 + r2 * (4.1666666666666664e-02 + r2 * (-1.388888888888889e-03 + r2 * (
+        2.48015873015873e-05 + r2 * -2.755731922398589e-07))))
+    quad = k.to(tl.int32) & 3
+    c = tl.where(quad == 0, cs, tl.where(quad == 1, -sn, tl.where(quad == 2, -cs, sn)))
+    s = tl.where(quad == 0, sn, tl.where(quad == 1, cs, tl.where(quad == 2, -sn, -cs)))
+    return c, s
+
+
+@triton.jit
+def _rope(x1, x2, pos, ROPE_STEP, HALF: tl.constexpr, SIGN: tl.constexpr):
+    """Rotate-half RoPE of (R, HALF) halves at integer positions pos (R,), fp32 result.
+
+    The angle pos * theta_t is formed exactly, in fixed point: ROPE_STEP[t] (int64) is
+    theta_t / (2 pi) in units of 2**-48 turns, so (pos * ROPE_STEP[t]) mod 2**48 (int64
+    wrap-around, then a mask) is the angle's fraction of a turn; the errors are ROPE_STEP's
+    rounding (pos * 2**-49 turns) and the fp32 conversion (2**-25 turns): |angle error| < 4e-7
+    rad for every position below 2**24, instead of ~ulp(pos * theta) for an fp32 product.
+    SIGN=1 rotates by +angle (the forward map), SIGN=-1 by -angle (its transpose, for gradients).
+    """
+    step = tl.load(ROPE_STEP + tl.arange(0, HALF))
+    frac = (pos.to(tl.int64)[:, None] * step[None, :]) & 0xFFFFFFFFFFFF
+    c, s = _cos_sin_turns(frac.to(tl.float32) * 3.552713678800501e-15)  # * 2**-48
+    s = s * SIGN
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
+def _load_rot(ptr, idx, ok, pos, ROPE_STEP, HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
+              ROPE: tl.constexpr):
+    """Rows idx (R,) of a (T, HEAD_DIM) matrix as two halves (R, HALF), RoPE'd at pos if ROPE."""
+    offs = idx[:, None] * HEAD_DIM + tl.arange(0, HALF)[None, :]
+    x1 = tl.load(ptr + offs, mask=ok[:, None], other=0.0)
+    x2 = tl.load(ptr + offs + HALF, mask=ok[:, None], other=0.0)
+    if ROPE:
+        r1, r2 = _rope(x1, x2, pos, ROPE_STEP, HALF, 1)
+        x1 = r1.to(x1.dtype)
+        x2 = r2.to(x2.dtype)
+    return x1, x2
+
+
+@triton.jit
+def _load_rows(ptr, idx, ok, HEAD_DIM: tl.constexpr):
+    """Rows idx (R,) of a (T, HEAD_DIM) matrix -> (R, HEAD_DIM)."""
+    offs = idx[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    return tl.load(ptr + offs, mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, idx, ok, x, HEAD_DIM: tl.constexpr):
+    offs = idx[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def _store_halves(ptr, idx, ok, x1, x2, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+    offs = idx[:, None] * HEAD_DIM + tl.arange(0, HALF)[None, :]
+    tl.store(ptr + offs, x1.to(ptr.dtype.element_ty), mask=ok[:, None])
+    tl.store(ptr + offs + HALF, x2.to(ptr.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def _scores(q1, q2, k1, k2, qk_scale, DOT_PREC: tl.constexpr):
+    """(q . k) * qk_scale for halves q (M, HALF) and k (N, HALF) -> (M, N) fp32."""
+    s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
+    s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
+    return s * qk_scale
+
+
+@triton.jit
+def _mask_scores(s, rows, cols, off, n_keys, first_key, chunk_size, MEM: tl.constexpr,
+                 MASKED: tl.constexpr, DO_2: tl.constexpr):
+    """Scores of states 1 and 2 with invalid pairs set to -inf.
+
+    MEM: state 1 = memory slots [first_key, n_keys). Otherwise state 1 = global (key j <= a_i,
+    a_i = i + off; no mask when not MASKED: the caller knows the whole tile is valid) and
+    state 2 = chunk (global and j >= the start of a_i's chunk). Padded query rows (i >= Tq) are
+    not masked: their q, dO and statistics load as 0, so they contribute exactly 0.
+    """
+    if MEM:
+        s1 = tl.where(((cols >= first_key) & (cols < n_keys))[None, :], s, float("-inf"))
+        s2 = s1
+    else:
+        a = rows + off
+        if MASKED:
+            s1 = tl.where(cols[None, :] <= a[:, None], s, float("-inf"))
+        else:
+            s1 = s
+        if DO_2:
+            s2 = tl.where(cols[None, :] >= ((a // chunk_size) * chunk_size)[:, None], s1,
+                          float("-inf"))
+        else:
+            s2 = s1
+    return s1, s2
+
+
+@triton.jit
+def _key_range(m0, Tq, off, chunk_size, HAS_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Key blocks of query block [m0, m0 + BLOCK_M): [0, split) lie below every row's diagonal
+    and before every row's chunk (global path only, no mask); [split, hi) need masks. Keys at
+    or after hi are above the diagonal of every row."""
+    hi = tl.minimum(m0 + BLOCK_M, Tq) + off
+    first = m0 + off  # key index a of the block's first row
+    if HAS_CHUNK:
+        first = (first // chunk_size) * chunk_size
+    return (first // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def _query_range(n0, Tq, Tk, off, chunk_size, HAS_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Query blocks that see key block [n0, n0 + BLOCK_N): [lo, split) need masks (diagonal,
+    chunk window), [split, Tq) see every key of the block through the global path only."""
+    lo = (tl.maximum(n0 - off, 0) // BLOCK_M) * BLOCK_M
+    q_hi = n0 + BLOCK_N - off  # rows with a_i >= n0 + BLOCK_N see the whole block
+    if HAS_CHUNK:
+        last = tl.minimum(n0 + BLOCK_N, Tk) - 1
+        q_hi = tl.maximum(q_hi, (last // chunk_size + 1) * chunk_size - off)
+    q_hi = tl.minimum(q_hi, Tq)
+    return lo, lo + tl.cdiv(tl.maximum(q_hi - lo, 0), BLOCK_M) * BLOCK_M
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _online_softmax_step(m_i, l_i, acc, s, v, DOT_PREC: tl.constexpr):
+    """One key tile of the online softmax; s (M, N) in log2 units, -inf where masked."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _finish(m_i, l_i, acc):
+    """Normalized output (M, D) fp32 and LSE (M,) of an online-softmax state; empty rows -> 0."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, _EMPTY_LSE, m_i + tl.log2(l_safe))
+    return acc / l_safe[:, None], lse
+
+
+@triton.jit
+def _fwd_loop(m1, l1, acc1, m2, l2, acc2, q1, q2, rows, k_ptr, v_ptr, ROPE_STEP,
+              off, n_keys, first_key, chunk_size, start_pos, qk_scale, lo, hi,
+              HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+              DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
+              ROPE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax of states 1 and 2 over key blocks [lo, hi), one QK^T tile per block."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_keys
+        k1, k2 = _load_rot(k_ptr, cols, col_ok, start_pos + cols, ROPE_STEP, HALF, HEAD_DIM, ROPE)
+        v = _load_rows(v_ptr, cols, col_ok, HEAD_DIM)
+        s = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
+        s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, chunk_size, MEM, MASKED, DO_2)
+        if DO_1:
+            m1, l1, acc1 = _online_softmax_step(m1, l1, acc1, s1, v, DOT_PREC)
+        if DO_2:
+            m2, l2, acc2 = _online_softmax_step(m2, l2, acc2, s2, v, DOT_PREC)
+    return m1, l1, acc1, m2, l2, acc2
+
+
+@triton.jit
+def _finish_path(out, m_i, l_i, acc, w, lse_ptr, o_ptr, rows, row_ok,
+                 HEAD_DIM: tl.constexpr, STORE_PATHS: tl.constexpr):
+    """Add w * O_p to out, save the path's LSE (and O_p when the backward needs it)."""
+    o, lse = _finish(m_i, l_i, acc)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    if STORE_PATHS:
+        _store_rows(o_ptr, rows, row_ok, o, HEAD_DIM)
+    return out + w * o
+
+
+@triton.jit
+def hybrid_attention_fwd_kernel(
+    Q, K, V, MK, MV, W, MEMLEN, ROPE_STEP, OUT, LSE, OG, OC, OM,
+    H, G, Tq, Tk, S, chunk_size, start_pos, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
+    ROPE: tl.constexpr, STORE_PATHS: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One program per (query block, b * H + h): out = w_g O_g + w_c O_c + w_m O_m, LSE per path,
+    and (STORE_PATHS) the normalized path outputs OG/OC/OM for the backward."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    bg = (b * G + h // (H // G)).to(tl.int64)
+    off = Tk - Tq
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < Tq
+    q_off = bh.to(tl.int64) * Tq * HEAD_DIM
+    lse_ptr = LSE + bh.to(tl.int64) * 3 * Tq
+    out = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Memory path first (fewer live accumulators during the long key loop that follows):
+    # un-rotated q against the valid (right-aligned) slots of row b.
+    if HAS_MEM:
+        q1, q2 = _load_rot(Q + q_off, rows, row_ok, rows, ROPE_STEP, HALF, HEAD_DIM, False)
+        first = S - tl.load(MEMLEN + b)
+        m_m = tl.full([BLOCK_M], _EMPTY_LSE, dtype=tl.float32)
+        l_m = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc_m = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        mk_ptr = MK + bg * S * HEAD_DIM
+        mv_ptr = MV + bg * S * HEAD_DIM
+        m_m, l_m, acc_m, _m, _l, _acc = _fwd_loop(
+            m_m, l_m, acc_m, m_m, l_m, acc_m, q1, q2, rows, mk_ptr, mv_ptr, ROPE_STEP,
+            off, S, first, chunk_size, start_pos, qk_scale, (first // BLOCK_N) * BLOCK_N, S,
+            HALF, HEAD_DIM, BLOCK_N, True, False, True, True, False, DOT_PREC)
+        w_m = tl.load(W + h * 3 + 2)
+        out = _finish_path(out, m_m, l_m, acc_m, w_m, lse_ptr + 2 * Tq, OM + q_off, rows, row_ok,
+                           HEAD_DIM, STORE_PATHS)
+    # Global and chunk paths: one pass over the key blocks up to the diagonal (RoPE'd q).
+    q1, q2 = _load_rot(Q + q_off, rows, row_ok, start_pos + off + rows, ROPE_STEP, HALF, HEAD_DIM,
+                       ROPE)
+    m_g = tl.full([BLOCK_M], _EMPTY_LSE, dtype=tl.float32)
+    l_g = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_c = tl.full([BLOCK_M], _EMPTY_LSE, dtype=tl.float32)
+    l_c = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_c = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    k_ptr = K + bg * Tk * HEAD_DIM
+    v_ptr = V + bg * Tk * HEAD_DIM
+    split, hi = _key_range(m0, Tq, off, chunk_size, HAS_CHUNK, BLOCK_M, BLOCK_N)
+    if USE_GLOBAL:  # tiles fully below the diagonal and before the chunks: no mask
+        m_g, l_g, acc_g, m_c, l_c, acc_c = _fwd_loop(
+            m_g, l_g, acc_g, m_c, l_c, acc_c, q1, q2, rows, k_ptr, v_ptr, ROPE_STEP,
+            off, Tk, 0, chunk_size, start_pos, qk_scale, 0, split,
+            HALF, HEAD_DIM, BLOCK_N, True, False, False, False, ROPE, DOT_PREC)
+    if USE_GLOBAL or HAS_CHUNK:  # chunk window and diagonal: masked, one QK^T per tile
+        m_g, l_g, acc_g, m_c, l_c, acc_c = _fwd_loop(
+            m_g, l_g, acc_g, m_c, l_c, acc_c, q1, q2, rows, k_ptr, v_ptr, ROPE_STEP,
+            off, Tk, 0, chunk_size, start_pos, qk_scale, split, hi,
+            HALF, HEAD_DIM, BLOCK_N, USE_GLOBAL, HAS_CHUNK, True, False, ROPE, DOT_PREC)
+    if USE_GLOBAL:
+        w_g = tl.load(W + h * 3)
+        out = _finish_path(out, m_g, l_g, acc_g, w_g, lse_ptr, OG + q_off, rows, row_ok,
+                           HEAD_DIM, STORE_PATHS)
+    if HAS_CHUNK:
+        w_c = tl.load(W + h * 3 + 1)
+        out = _finish_path(out, m_c, l_c, acc_c, w_c, lse_ptr + Tq, OC + q_off, rows, row_ok,
+                           HEAD_DIM, STORE_PATHS)
+
+    _store_rows(OUT + q_off, rows, row_ok, out, HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _row_dot(DI_row, O_row, do, rows, row_ok, HEAD_DIM: tl.constexpr):
+    o = _load_rows(O_row, rows, row_ok, HEAD_DIM).to(tl.float32)
+    tl.store(DI_row + rows, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def hybrid_attention_bwd_preprocess_kernel(
+    DO, OG, OC, OM, DI, Tq,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
+):
+    """DI[b, h, p, i] = sum_d dO[b, h, i, d] * O_p[b, h, i, d] for each path p that is on."""
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Tq
+    q_off = bh * Tq * HEAD_DIM
+    di_ptr = DI + bh * 3 * Tq
+    do = _load_rows(DO + q_off, rows, row_ok, HEAD_DIM).to(tl.float32)
+    if USE_GLOBAL:
+        _row_dot(di_ptr, OG + q_off, do, rows, row_ok, HEAD_DIM)
+    if HAS_CHUNK:
+        _row_dot(di_ptr + Tq, OC + q_off, do, rows, row_ok, HEAD_DIM)
+    if HAS_MEM:
+        _row_dot(di_ptr + 2 * Tq, OM + q_off, do, rows, row_ok, HEAD_DIM)
+
+
+@triton.jit
+def _path_grad(pw, ds, s, dp, lse, di, w):
+    """Add path p's w_p * P_p to pw and its score gradient w_p * P_p * (dP - DI_p) to ds;
+    s is -inf where masked."""
+    p = tl.exp2(s - lse[:, None]) * w
+    return pw + p, ds + p * (dp - di[:, None])
+
+
+@triton.jit
+def _bwd_kv_loop(dk1, dk2, dv, k1, k2, v, cols, q_ptr, do_ptr, lse_ptr, di_ptr, w1, w2,
+                 ROPE_STEP, Tq, off, n_keys, first_key, chunk_size, start_pos, qk_scale, lo, hi,
+                 P1: tl.constexpr, P2: tl.constexpr,
+                 HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
+                 ROPE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate the key block's (rotated) dk halves and dv over query blocks [lo, hi) of one
+    query head; states 1/2 are the paths P1/P2 (rows of LSE/DI)."""
+    BLOCK_N: tl.constexpr = v.shape[0]
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows < Tq
+        q1, q2 = _load_rot(q_ptr, rows, row_ok, start_pos + off + rows, ROPE_STEP, HALF, HEAD_DIM,
+                           ROPE)
+        do = _load_rows(do_ptr, rows, row_ok, HEAD_DIM)
+        s = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, chunk_size, MEM, MASKED, DO_2)
+        pw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        ds = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if DO_1:
+            lse = tl.load(lse_ptr + P1 * Tq + rows, mask=row_ok, other=0.0)
+            di = tl.load(di_ptr + P1 * Tq + rows, mask=row_ok, other=0.0)
+            pw, ds = _path_grad(pw, ds, s1, dp, lse, di, w1)
+        if DO_2:
+            lse = tl.load(lse_ptr + P2 * Tq + rows, mask=row_ok, other=0.0)
+            di = tl.load(di_ptr + P2 * Tq + rows, mask=row_ok, other=0.0)
+            pw, ds = _path_grad(pw, ds, s2, dp, lse, di, w2)
+        dv = tl.dot(tl.trans(pw.to(do.dtype)), do, dv, input_precision=DOT_PREC)
+        ds_t = tl.trans(ds.to(q1.dtype))
+        dk1 = tl.dot(ds_t, q1, dk1, input_precision=DOT_PREC)
+        dk2 = tl.dot(ds_t, q2, dk2, input_precision=DOT_PREC)
+    return dk1, dk2, dv
+
+
+@triton.jit
+def hybrid_attention_bwd_dkdv_kernel(
+    Q, K, V, DO, W, ROPE_STEP, LSE, DI, DK, DV,
+    H, G, Tq, Tk, chunk_size, start_pos, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, ROPE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """One program per (key block, b * G + g): dk, dv of the global and chunk paths, summed over
+    the H/G query heads of the group in a fixed order (deterministic, no atomics)."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    n0 = tl.program_id(0) * BLOCK_N
+    bg = tl.program_id(1)
+    b = bg // G
+    rep = H // G
+    off = Tk - Tq
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < Tk
+    kv_off = bg.to(tl.int64) * Tk * HEAD_DIM
+    k1, k2 = _load_rot(K + kv_off, cols, col_ok, start_pos + cols, ROPE_STEP, HALF, HEAD_DIM, ROPE)
+    v = _load_rows(V + kv_off, cols, col_ok, HEAD_DIM)
+    dk1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
+    dk2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    lo, split = _query_range(n0, Tq, Tk, off, chunk_size, HAS_CHUNK, BLOCK_M, BLOCK_N)
+    for j in range(0, rep):
+        h = (bg % G) * rep + j
+        bh = (b * H + h).to(tl.int64)
+        q_ptr = Q + bh * Tq * HEAD_DIM
+        do_ptr = DO + bh * Tq * HEAD_DIM
+        lse_ptr = LSE + bh * 3 * Tq
+        di_ptr = DI + bh * 3 * Tq
+        w_g = tl.load(W + h * 3)
+        w_c = tl.load(W + h * 3 + 1)
+        dk1, dk2, dv = _bwd_kv_loop(  # diagonal and chunk window: masked
+            dk1, dk2, dv, k1, k2, v, cols, q_ptr, do_ptr, lse_ptr, di_ptr, w_g, w_c,
+            ROPE_STEP, Tq, off, Tk, 0, chunk_size, start_pos, qk_scale, lo, split, 0, 1,
+            HALF, HEAD_DIM, BLOCK_M, USE_GLOBAL, HAS_CHUNK, True, False, ROPE, DOT_PREC)
+        if USE_GLOBAL:  # later queries see the whole block through the global path
+            dk1, dk2, dv = _bwd_kv_loop(
+                dk1, dk2, dv, k1, k2, v, cols, q_ptr, do_ptr, lse_ptr, di_ptr, w_g, w_c,
+                ROPE_STEP, Tq, off, Tk, 0, chunk_size, start_pos, qk_scale, split, Tq, 0, 1,
+                HALF, HEAD_DIM, BLOCK_M, True, False, False, False, ROPE, DOT_PREC)
+    if ROPE:
+        dk1, dk2 = _rope(dk1, dk2, start_pos + cols, ROPE_STEP, HALF, -1)
+    _store_halves(DK + kv_off, cols, col_ok, dk1 * scale, dk2 * scale, HALF, HEAD_DIM)
+    _store_rows(DV + kv_off, cols, col_ok, dv, HEAD_DIM)
+
+
+@triton.jit
+def hybrid_attention_bwd_dmem_kernel(
+    Q, MK, MV, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DMK, DMV,
+    H, G, Tq, S, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """One program per (slot block, b * G + g): dmem_k, dmem_v over all queries of the group's
+    heads (every query sees every valid slot). Blocks of invalid slots get zeros."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    n0 = tl.program_id(0) * BLOCK_N
+    bg = tl.program_id(1)
+    b = bg // G
+    rep = H // G
+    first = S - tl.load(MEMLEN + b)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < S
+    kv_off = bg.to(tl.int64) * S * HEAD_DIM
+    k1, k2 = _load_rot(MK + kv_off, cols, col_ok, cols, ROPE_STEP, HALF, HEAD_DIM, False)
+    v = _load_rows(MV + kv_off, cols, col_ok, HEAD_DIM)
+    dk1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
+    dk2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    hi = tl.where(n0 + BLOCK_N > first, Tq, 0)
+    for j in range(0, rep):
+        h = (bg % G) * rep + j
+        bh = (b * H + h).to(tl.int64)
+        w_m = tl.load(W + h * 3 + 2)
+        dk1, dk2, dv = _bwd_kv_loop(
+            dk1, dk2, dv, k1, k2, v, cols, Q + bh * Tq * HEAD_DIM, DO + bh * Tq * HEAD_DIM,
+            LSE + bh * 3 * Tq, DI + bh * 3 * Tq, w_m, w_m,
+            ROPE_STEP, Tq, 0, S, first, 1, 0, qk_scale, 0, hi, 2, 2,
+            HALF, HEAD_DIM, BLOCK_M, True, False, True, True, False, DOT_PREC)
+    _store_halves(DMK + kv_off, cols, col_ok, dk1 * scale, dk2 * scale, HALF, HEAD_DIM)
+    _store_rows(DMV + kv_off, cols, col_ok, dv, HEAD_DIM)
+
+
+@triton.jit
+def _bwd_q_loop(dq1, dq2, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
+                lse1, di1, w1, lse2, di2, w2,
+                off, n_keys, first_key, chunk_size, start_pos, qk_scale, lo, hi,
+                HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
+                ROPE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate the query block's dq halves (w.r.t. the q used in the scores) over key blocks
+    [lo, hi); states 1/2 as in _fwd_loop."""
+    BLOCK_M: tl.constexpr = do.shape[0]
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_keys
+        k1, k2 = _load_rot(k_ptr, cols, col_ok, start_pos + cols, ROPE_STEP, HALF, HEAD_DIM, ROPE)
+        v = _load_rows(v_ptr, cols, col_ok, HEAD_DIM)
+        s = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, chunk_size, MEM, MASKED, DO_2)
+        pw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        ds = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if DO_1:
+            pw, ds = _path_grad(pw, ds, s1, dp, lse1, di1, w1)
+        if DO_2:
+            pw, ds = _path_grad(pw, ds, s2, dp, lse2, di2, w2)
+        ds = ds.to(k1.dtype)
+        dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)
+        dq2 = tl.dot(ds, k2, dq2, input_precision=DOT_PREC)
+    return dq1, dq2
+
+
+@triton.jit
+def hybrid_attention_bwd_dq_kernel(
+    Q, K, V, MK, MV, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DQ,
+    H, G, Tq, Tk, S, chunk_size, start_pos, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
+    ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One program per (query block, b * H + h): dq of all three paths (no atomics)."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    bg = (b * G + h // (H // G)).to(tl.int64)
+    off = Tk - Tq
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < Tq
+    q_off = bh.to(tl.int64) * Tq * HEAD_DIM
+    lse_ptr = LSE + bh.to(tl.int64) * 3 * Tq
+    di_ptr = DI + bh.to(tl.int64) * 3 * Tq
+    do = _load_rows(DO + q_off, rows, row_ok, HEAD_DIM)
+    dq1 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+    dq2 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+
+    q1, q2 = _load_rot(Q + q_off, rows, row_ok, start_pos + off + rows, ROPE_STEP, HALF, HEAD_DIM,
+                       ROPE)
+    lse_g = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    di_g = tl.load(di_ptr + rows, mask=row_ok, other=0.0)
+    lse_c = tl.load(lse_ptr + Tq + rows, mask=row_ok, other=0.0)
+    di_c = tl.load(di_ptr + Tq + rows, mask=row_ok, other=0.0)
+    w_g = tl.load(W + h * 3)
+    w_c = tl.load(W + h * 3 + 1)
+    k_ptr = K + bg * Tk * HEAD_DIM
+    v_ptr = V + bg * Tk * HEAD_DIM
+    split, hi = _key_range(m0, Tq, off, chunk_size, HAS_CHUNK, BLOCK_M, BLOCK_N)
+    if USE_GLOBAL:  # same tile split as the forward
+        dq1, dq2 = _bwd_q_loop(
+            dq1, dq2, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
+            lse_g, di_g, w_g, lse_c, di_c, w_c, off, Tk, 0, chunk_size, start_pos, qk_scale,
+            0, split, HALF, HEAD_DIM, BLOCK_N, True, False, False, False, ROPE, DOT_PREC)
+    if USE_GLOBAL or HAS_CHUNK:
+        dq1, dq2 = _bwd_q_loop(
+            dq1, dq2, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
+            lse_g, di_g, w_g, lse_c, di_c, w_c, off, Tk, 0, chunk_size, start_pos, qk_scale,
+            split, hi, HALF, HEAD_DIM, BLOCK_N, USE_GLOBAL, HAS_CHUNK, True, False, ROPE,
+            DOT_PREC)
+    if ROPE:
+        dq1, dq2 = _rope(dq1, dq2, start_pos + off + rows, ROPE_STEP, HALF, -1)
+
+    if HAS_MEM:
+        q1, q2 = _load_rot(Q + q_off, rows, row_ok, rows, ROPE_STEP, HALF, HEAD_DIM, False)
+        lse_m = tl.load(lse_ptr + 2 * Tq + rows, mask=row_ok, other=0.0)
+        di_m = tl.load(di_ptr + 2 * Tq + rows, mask=row_ok, other=0.0)
+        w_m = tl.load(W + h * 3 + 2)
+        first = S - tl.load(MEMLEN + b)
+        dq1, dq2 = _bwd_q_loop(
+            dq1, dq2, q1, q2, do, rows, MK + bg * S * HEAD_DIM, MV + bg * S * HEAD_DIM,
+            ROPE_STEP, lse_m, di_m, w_m, lse_m, di_m, w_m, off, S, first, 1, 0, qk_scale,
+            (first // BLOCK_N) * BLOCK_N, S, HALF, HEAD_DIM, BLOCK_N, True, False, True, True,
+            False, DOT_PREC)
+    _store_halves(DQ + q_off, rows, row_ok, dq1 * scale, dq2 * scale, HALF, HEAD_DIM)

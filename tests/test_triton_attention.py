@@ -1,0 +1,224 @@
+"""Fused Triton hybrid attention vs the reference, forward and every gradient.
+
+Runs in the Triton interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1 when there is no
+GPU), in fp32 and fp16 with small shapes; bf16 is not testable there (interpreter bf16 dots are
+wrong), it is covered by `python -m chunkmem.compile_check` only.
+
+Tolerance (FlashAttention's rule): for the output and each gradient,
+    max|kernel - ref64| <= 2 * max|ref_low - ref64| + FLOOR[dtype] * max(1, max|ref64|)
+where ref64 is the reference computed in float64 and ref_low the reference computed entirely in
+the test dtype (fp32 or fp16) -- the error a plain PyTorch implementation makes in that precision.
+FLOOR: fp32 2e-6, fp16 2e-3 (relative to the magnitude of the reference).
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from chunkmem import triton_attention as ta
+from chunkmem.reference import hybrid_attention_reference
+
+pytestmark = pytest.mark.interpreter
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3}
+GRAD_NAMES = ("q", "k", "v", "mem_k", "mem_v", "weights")
+
+
+def make_inputs(dtype, B, H, G, Tq, Tk, D, S, mem_len, chunk_size, use_global, seed=0):
+    """Random normalized arguments; weights zero for paths that are off (as chunkmem.ops gives)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float32).to(DEVICE, dtype)
+
+    q, k, v = rnd(B, H, Tq, D), rnd(B, G, Tk, D), rnd(B, G, Tk, D)
+    mem_k = mem_v = ml = None
+    if S > 0:
+        mem_k, mem_v = rnd(B, G, S, D), rnd(B, G, S, D)
+        ml = torch.tensor(mem_len, dtype=torch.int64, device=DEVICE)
+    on = torch.tensor([use_global, chunk_size is not None, S > 0], dtype=torch.float32)
+    weights = (torch.rand(H, 3, generator=gen) + 0.25) * on
+    return [q, k, v, mem_k, mem_v, weights.to(DEVICE), ml]
+
+
+def run(fn, args, kwargs, dout, **extra):
+    """Output and the gradients of (out * dout).sum() w.r.t. the six differentiable inputs
+    (zeros for an input that does not reach the output, None for an absent one)."""
+    leaves = [a.detach().clone().requires_grad_(True) if i < 6 and a is not None else a
+              for i, a in enumerate(args)]
+    out = fn(*leaves, **kwargs, **extra)
+    diff = [a for a in leaves[:6] if a is not None]
+    grads = iter(torch.autograd.grad((out.float() * dout.float()).sum(), diff, allow_unused=True))
+    res = []
+    for a in leaves[:6]:
+        g = next(grads) if a is not None else None
+        res.append(torch.zeros_like(a) if (a is not None and g is None) else g)
+    return out, res
+
+
+def check_case(dtype, B, H, G, Tq, Tk, D, S=0, mem_len=None, chunk_size=None, use_global=True,
+               rope_base=None, start_pos=0, seed=0):
+    args = make_inputs(dtype, B, H, G, Tq, Tk, D, S, mem_len, chunk_size, use_global, seed)
+    kwargs = dict(chunk_size=chunk_size, use_global=use_global, rope_base=rope_base,
+                  start_pos=start_pos, scale=1.0 / math.sqrt(D))
+    assert ta.unsupported_reason(*args, **kwargs) is None
+    dout = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    out, grads = run(ta.hybrid_attention_triton, args, kwargs, dout)
+    ref64, g64 = run(hybrid_attention_reference, args, kwargs, dout, compute_dtype=torch.float64)
+    refl, gl = run(hybrid_attention_reference, args, kwargs, dout, compute_dtype=dtype)
+    assert out.dtype == dtype and out.shape == (B, H, Tq, D)
+    pairs = [("out", out, ref64, refl)] + [
+        (n, g, r, l) for n, g, r, l in zip(GRAD_NAMES, grads, g64, gl) if g is not None]
+    for name, got, r64, rlow in pairs:
+        assert got.shape == r64.shape and got.dtype == r64.dtype, name
+        assert torch.isfinite(got).all(), f"{name}: non-finite values"
+        err = (got.double() - r64.double()).abs().max().item()
+        err_low = (rlow.double() - r64.double()).abs().max().item()
+        bound = 2 * err_low + FLOOR[dtype] * max(1.0, r64.double().abs().max().item())
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (low-precision ref {err_low:.3g})"
+
+
+# (dtype, B, H, G, Tq, Tk, D, S, mem_len, chunk_size, use_global, rope_base, start_pos)
+# Interpreter blocks are 16 x 16, so T = 37 spans three partial blocks, chunk_size 16/32 is a
+# multiple of the block and 5/7/12 is not.
+F32, F16 = torch.float32, torch.float16
+CASES = {
+    "all_paths_f32": (F32, 2, 4, 2, 37, 37, 32, 20, (0, 13), 7, True, 10000.0, 3),
+    "all_paths_f16": (F16, 2, 4, 2, 37, 37, 32, 20, (0, 13), 7, True, 10000.0, 3),
+    "d64_chunk_block_multiple_f16": (F16, 1, 2, 2, 40, 40, 64, 0, None, 16, True, 10000.0, 0),
+    "d128_tq_lt_tk_local_f32": (F32, 1, 2, 1, 20, 33, 128, 8, (8,), 5, False, 500.0, 7),
+    "d128_all_paths_f16": (F16, 1, 2, 1, 21, 21, 128, 6, (4,), 12, True, 10000.0, 0),
+    "d256_global_mem_f16": (F16, 1, 1, 1, 24, 24, 256, 5, (3,), None, True, None, 0),
+    "d256_local_rope_f32": (F32, 1, 1, 1, 18, 18, 256, 0, None, 8, False, 10000.0, 2),
+    "decode_f16": (F16, 2, 2, 1, 1, 50, 32, 12, (0, 12), 16, True, 10000.0, 100),
+    "decode_local_only_f32": (F32, 1, 2, 2, 1, 45, 64, 0, None, 32, False, 10000.0, 5),
+    "chunk1_local_only_f32": (F32, 1, 2, 1, 19, 19, 32, 0, None, 1, False, None, 0),
+    "chunk1_global_f16": (F16, 1, 2, 2, 19, 19, 32, 0, None, 1, True, 10000.0, 0),
+    "chunk_ge_tk_local_only_f16": (F16, 1, 2, 1, 23, 30, 32, 0, None, 100, False, 10000.0, 0),
+    "global_only_gqa3_f32": (F32, 1, 6, 2, 35, 35, 32, 0, None, None, True, None, 0),
+    "global_only_f16": (F16, 2, 2, 2, 33, 33, 64, 0, None, None, True, None, 0),
+    "chunked_prefill_f16": (F16, 1, 4, 1, 19, 50, 32, 3, (2,), 12, True, 10000.0, 30),
+    "chunk32_mqa_f32": (F32, 1, 4, 1, 48, 48, 32, 0, None, 32, True, 10000.0, 0),
+    "memory_only_s1024_f32": (F32, 3, 2, 1, 5, 5, 32, 1024, (1024, 0, 500), None, False, None, 0),
+    "memory_only_s1024_f16": (F16, 2, 2, 2, 3, 3, 32, 1024, (1000, 17), None, False, None, 0),
+    "memory_all_empty_f32": (F32, 2, 2, 1, 17, 17, 32, 4, (0, 0), 4, True, None, 0),
+    "memory_one_slot_f16": (F16, 2, 2, 1, 17, 20, 32, 1, (1, 0), 6, False, 10000.0, 0),
+    # RoPE angles are exact fixed point in the kernel: far positions stay as accurate as near ones
+    "far_positions_f32": (F32, 1, 2, 1, 20, 26, 64, 3, (2,), 6, True, 10000.0, 10 ** 6),
+    "int32_limit_positions_f32": (F32, 1, 2, 2, 9, 9, 32, 0, None, 4, True, 500000.0, 2 ** 31 - 10),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_and_gradients(case):
+    dtype, B, H, G, Tq, Tk, D, S, ml, C, glob, rope, sp = CASES[case]
+    check_case(dtype, B, H, G, Tq, Tk, D, S, ml, C, glob, rope, sp)
+
+
+@pytest.mark.parametrize("blocks", [(32, 16), (16, 32)])
+def test_rectangular_blocks(monkeypatch, blocks):
+    """GPU configs use BLOCK_M != BLOCK_N: check the block-range logic with both shapes."""
+    bm, bn = blocks
+    monkeypatch.setattr(ta, "block_config", lambda kind, dtype, d, interpret=None: dict(
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1))
+    check_case(F32, 1, 2, 1, 45, 53, 32, 37, (21,), 12, True, 10000.0, 1)
+    check_case(F16, 1, 2, 2, 40, 40, 32, 0, None, 20, False, 10000.0, 0)
+
+
+@pytest.mark.parametrize("D", [32, 64])
+def test_gpu_block_configs(monkeypatch, D):
+    """The fp16 GPU launch configurations (BLOCK_M 64 / BLOCK_N 32 and 32 / 32) in the interpreter."""
+    real = ta.block_config
+    monkeypatch.setattr(ta, "block_config", lambda kind, dtype, d, interpret=None: real(
+        kind, dtype, d, interpret=False))
+    check_case(F16, 1, 2, 1, 70, 75, D, 40, (33,), 24, True, 10000.0, 0)
+
+
+def test_gpu_config_tables():
+    """Every spill-free GPU configuration is a compile variant; fp32 backward stops at D = 64."""
+    names = {v["name"] for v in ta.compile_variants()}
+    for kind in ta.KERNEL_KINDS:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for D in ta.SUPPORTED_HEAD_DIMS:
+                listed = any(n.startswith(f"attn_{kind}_{ta._TRITON_DTYPE[dtype]}_d{D}_") for n in names)
+                assert listed == ta.has_gpu_config(kind, dtype, D), (kind, dtype, D)
+    assert not ta.has_gpu_config("bwd_dq", torch.float32, 128)
+    assert ta.has_gpu_config("fwd", torch.float32, 256)
+    for v in ta.compile_variants():
+        assert list(v["signature"]) == [n for n, _ in ta._kernel_args(v["fn"])]
+        assert all(v["signature"][k] == "constexpr" for k in v["constexprs"])
+
+
+def test_deterministic_and_strided_inputs():
+    """Same inputs (one of them a transposed view) -> bitwise-identical outputs and gradients."""
+    dtype = torch.float32
+    args = make_inputs(dtype, 1, 4, 2, 33, 33, 32, 9, (7,), 8, True)
+    kwargs = dict(chunk_size=8, use_global=True, rope_base=10000.0, start_pos=0, scale=0.2)
+    dout = torch.randn(1, 4, 33, 32).to(DEVICE, dtype)
+    out1, g1 = run(ta.hybrid_attention_triton, args, kwargs, dout, deterministic=True)
+    strided = list(args)
+    strided[0] = args[0].transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) storage
+    assert not strided[0].is_contiguous()
+    out2, g2 = run(ta.hybrid_attention_triton, strided, kwargs, dout, deterministic=True)
+    assert torch.equal(out1, out2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+    ref = hybrid_attention_reference(*args, **kwargs, compute_dtype=torch.float64)
+    assert (out1.double() - ref.double()).abs().max().item() < 1e-4
+
+
+def test_no_grad_forward_matches():
+    """Without autograd the forward skips saving the path outputs; the result is the same."""
+    args = make_inputs(torch.float32, 1, 2, 1, 20, 20, 32, 4, (2,), 4, True)
+    kwargs = dict(chunk_size=4, use_global=True, rope_base=None, start_pos=0, scale=0.3)
+    with torch.no_grad():
+        out = ta.hybrid_attention_triton(*args, **kwargs)
+    ref = hybrid_attention_reference(*args, **kwargs, compute_dtype=torch.float64)
+    assert (out.double() - ref).abs().max().item() < 1e-5
+
+
+def test_partial_requires_grad():
+    """Only some inputs require grad: the backward skips the other kernels, the rest is exact."""
+    args = make_inputs(torch.float32, 2, 2, 1, 21, 21, 32, 6, (3, 6), 5, True)
+    kwargs = dict(chunk_size=5, use_global=True, rope_base=10000.0, start_pos=0, scale=0.2)
+    dout = torch.randn(2, 2, 21, 32).to(DEVICE)
+    grads = {}
+    for name, fn, extra in (("kernel", ta.hybrid_attention_triton, {}),
+                            ("ref", hybrid_attention_reference, dict(compute_dtype=torch.float64))):
+        leaves = list(args)
+        leaves[0] = args[0].clone().requires_grad_(True)  # q
+        leaves[4] = args[4].clone().requires_grad_(True)  # mem_v
+        out = fn(*leaves, **kwargs, **extra)
+        grads[name] = torch.autograd.grad((out.double() * dout.double()).sum(), (leaves[0], leaves[4]))
+    for got, ref in zip(grads["kernel"], grads["ref"]):
+        assert (got.double() - ref).abs().max().item() < 1e-4
+
+
+def test_vjp_without_autograd():
+    """hybrid_attention_triton_vjp (for torch.library backward ops) gives the autograd gradients."""
+    args = make_inputs(torch.float32, 1, 4, 2, 23, 23, 32, 5, (4,), 6, True)
+    kwargs = dict(chunk_size=6, use_global=True, rope_base=10000.0, start_pos=2, scale=0.2)
+    dout = torch.randn(1, 4, 23, 32).to(DEVICE)
+    grads = ta.hybrid_attention_triton_vjp(dout, *args, **kwargs)
+    _, expected = run(ta.hybrid_attention_triton, args, kwargs, dout)
+    for got, exp in zip(grads, expected):
+        assert torch.equal(got, exp)
+
+
+def test_unsupported_reason():
+    kwargs = dict(chunk_size=4, use_global=True, rope_base=None, start_pos=0, scale=0.3)
+    ok = make_inputs(torch.float32, 1, 2, 1, 8, 8, 32, 0, None, 4, True)
+    assert ta.unsupported_reason(*ok, **kwargs) is None
+    for D in (16, 48, 512):
+        bad = make_inputs(torch.float32, 1, 2, 1, 8, 8, D, 0, None, 4, True)
+        assert "head dim" in ta.unsupported_reason(*bad, **kwargs)
+    f64 = [a.double() if a is not None and a.is_floating_point() else a for a in ok]
+    assert "dtype" in ta.unsupported_reason(*f64, **kwargs)
+    if DEVICE == "cpu":
+        bf16 = [a.bfloat16() if i < 5 and a is not None else a for i, a in enumerate(ok)]
+        assert "interpreter" in ta.unsupported_reason(*bf16, **kwargs)
