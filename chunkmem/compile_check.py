@@ -21,6 +21,8 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from chunkmem.triton_env import interpreting
+
 MODULES = ("chunkmem.triton_attention", "chunkmem.triton_memory")
 # Largest dynamic shared memory per block (opt-in), bytes.
 SMEM_LIMIT = {80: 166912, 90: 232448}
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--filter", default="", help="only variants whose name contains this")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         print("compile_check compiles for real GPUs: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
 

@@ -17,26 +17,14 @@ from typing import Optional
 
 import torch
 
+from chunkmem.backends import attention_backend
+
 __all__ = ["hybrid_attention_op"]
-
-
-def _backend_fn(backend: str):
-    if backend == "reference":
-        from chunkmem.reference import hybrid_attention_reference
-
-        return hybrid_attention_reference
-    if backend == "torch":
-        from chunkmem.torch_backend import hybrid_attention_torch
-
-        return hybrid_attention_torch
-    from chunkmem.triton_attention import hybrid_attention_triton
-
-    return hybrid_attention_triton
 
 
 def _run(backend, q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global, rope_base,
          start_pos, scale):
-    return _backend_fn(backend)(
+    return attention_backend(backend)(
         q, k, v, mem_k, mem_v, weights, mem_len, chunk_size=chunk_size, use_global=use_global,
         rope_base=rope_base, start_pos=start_pos, scale=scale,
     )
@@ -102,7 +90,7 @@ def _(grad_out, q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global,
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.args = inputs
+    ctx.args = inputs[7:]  # the non-tensor arguments; tensors go through save_for_backward
     ctx.save_for_backward(*(t for t in inputs[:7] if t is not None))
     ctx.present = [t is not None for t in inputs[:7]]
 
@@ -110,7 +98,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     saved = iter(ctx.saved_tensors)
     tensors = [next(saved) if present else None for present in ctx.present]
-    dq, dk, dv, dmk, dmv, dw = hybrid_attention_backward_op(grad_out, *tensors, *ctx.args[7:])
+    dq, dk, dv, dmk, dmv, dw = hybrid_attention_backward_op(grad_out, *tensors, *ctx.args)
     has_mem = ctx.present[3]
     return (dq, dk, dv, dmk if has_mem else None, dmv if has_mem else None, dw) + (None,) * 7
 

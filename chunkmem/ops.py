@@ -7,13 +7,13 @@ The backends receive the *normalized* arguments described in :mod:`chunkmem.refe
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Sequence
 
 import torch
 
-from chunkmem import reference, torch_backend
+from chunkmem.backends import attention_backend, memory_update_backend
+from chunkmem.triton_env import interpreting
 
 __all__ = ["hybrid_attention", "gated_memory_update", "BACKENDS"]
 
@@ -68,7 +68,7 @@ def _check_mem_len(mem_len, B, S, device):
     if mem_len.device != device:
         raise ValueError(f"mem_len is on {mem_len.device} but the inputs are on {device}")
     if B > 0 and not torch.compiler.is_compiling():  # a value check would break the traced graph
-        lo, hi = int(mem_len.min()), int(mem_len.max())
+        lo, hi = (int(x) for x in torch.aminmax(mem_len))
         if lo < 0 or hi > S:
             raise ValueError(f"mem_len values must lie in [0, S] = [0, {S}], got min {lo}, max {hi}")
     return mem_len.to(torch.int32)
@@ -83,7 +83,7 @@ def _warn_once(message):
 def _triton_usable(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
-    return os.environ.get("TRITON_INTERPRET", "0") == "1" and device.type == "cpu"
+    return interpreting() and device.type == "cpu"
 
 
 def _resolve_backend(backend, device, triton_module, args, kwargs):
@@ -143,7 +143,7 @@ def _normalize_weights(weights, H, paths_on, device):
 def hybrid_attention(
     q, k, v, mem_k=None, mem_v=None, *,
     weights=None, chunk_size=None, use_global=True, mem_len=None, rope_base=None, start_pos=0,
-    scale=None, backend="auto", deterministic=False,
+    scale=None, backend="auto",
 ):
     """Hybrid global + chunked + memory attention (SPEC §1), in PyTorch's SDPA layout.
 
@@ -162,8 +162,8 @@ def hybrid_attention(
         rope_base: None (no rotation) or float; RoPE on q/k of the global and chunk paths only.
         start_pos: absolute position of key 0 (RoPE only). scale: None -> 1/sqrt(D).
         backend: "auto" (CUDA -> "triton", CPU -> "torch"), "triton", "torch" or "reference".
-        deterministic: Triton backend only; forces a reduction order that does not depend on
-            scheduling in the backward (no atomics).
+            A call the kernels do not cover falls back to "torch" with a one-time warning, for
+            "triton" too. Every backend is deterministic (the kernels use no atomics).
 
     Returns:
         (B, H, Tq, D) in q's dtype.
@@ -233,11 +233,7 @@ def hybrid_attention(
         from chunkmem.library import hybrid_attention_op
 
         return hybrid_attention_op(*args, **kwargs, backend=name)
-    if name == "reference":
-        return reference.hybrid_attention_reference(*args, **kwargs)
-    if name == "torch":
-        return torch_backend.hybrid_attention_torch(*args, **kwargs)
-    return _triton_attention().hybrid_attention_triton(*args, **kwargs, deterministic=deterministic)
+    return attention_backend(name)(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- memory update
@@ -283,8 +279,4 @@ def gated_memory_update(
     args = (memory, x, w_gate, b_gate, w_cand, b_cand)
     kwargs = dict(chunk_size=chunk_size, mem_len=mem_len)
     name = _resolve_backend(backend, memory.device, _triton_memory, args, kwargs)
-    if name == "reference":
-        return reference.gated_memory_update_reference(*args, **kwargs)
-    if name == "torch":
-        return torch_backend.gated_memory_update_torch(*args, **kwargs)
-    return _triton_memory().gated_memory_update_triton(*args, **kwargs)
+    return memory_update_backend(name)(*args, **kwargs)

@@ -10,7 +10,9 @@ cost and memory linear in T where the math allows it:
 - memory: SDPA of the un-rotated queries against the S slots with a (B, 1, 1, S) validity mask.
 
 On CPU, fp16/bf16 inputs are computed in fp32 (statistics and accumulation in fp32, as SPEC §1
-asks) and the output is cast back.
+asks); on CUDA each path runs SDPA in the input dtype (its kernels accumulate in fp32) and the
+weighted sum of the paths is taken in fp32. The output is cast back to the input dtype. The
+memory update always computes in fp32 (float64 stays float64).
 
 The gated memory update runs its recurrence as a parallel (Hillis–Steele) associative scan over
 the n chunk summaries: m_j = a_j * m_{j-1} + b_j composes as (a, b) pairs, so log2(n) vectorised
@@ -108,11 +110,9 @@ def hybrid_attention_torch(
     Tk = k.shape[2]
     cdt = _compute_dtype(q)
     qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
-    w = weights.to(cdt).view(1, H, 3, 1, 1)
-    out = None
-
-    def add(acc, term):
-        return term if acc is None else acc + term
+    sum_dtype = torch.promote_types(cdt, torch.float32)
+    w = weights.to(sum_dtype).view(1, H, 3, 1, 1)
+    out = torch.zeros(q.shape, dtype=sum_dtype, device=q.device)  # stays 0 if no path is left
 
     if use_global or chunk_size is not None:
         qr, kr = qc, kc
@@ -122,12 +122,12 @@ def hybrid_attention_torch(
             qr = apply_rope(qc, cos[Tk - Tq:], sin[Tk - Tq:])
             kr = apply_rope(kc, cos, sin)
         if use_global:
-            out = add(out, w[:, :, 0] * _causal_sdpa(qr, kr, vc, scale))
+            out = out + w[:, :, 0] * _causal_sdpa(qr, kr, vc, scale)
         if chunk_size is not None:
-            out = add(out, w[:, :, 1] * _chunk_attention(qr, kr, vc, chunk_size, scale))
+            out = out + w[:, :, 1] * _chunk_attention(qr, kr, vc, chunk_size, scale)
     if mem_k is not None:
         o_m = _memory_attention(qc, mem_k.to(cdt), mem_v.to(cdt), mem_len, scale)
-        out = add(out, w[:, :, 2] * o_m)
+        out = out + w[:, :, 2] * o_m
     return out.to(q.dtype)
 
 
@@ -157,7 +157,7 @@ def gated_memory_update_torch(memory, x, w_gate, b_gate, w_cand, b_cand, *, chun
     T = x.shape[1]
     C = chunk_size
     n = math.ceil(T / C)
-    cdt = _compute_dtype(memory)
+    cdt = torch.promote_types(memory.dtype, torch.float32)
     mem = memory.to(cdt)
     xc = F.pad(x.to(cdt), (0, 0, 0, n * C - T))
     counts = torch.full((n,), float(C), dtype=cdt, device=x.device)

@@ -7,8 +7,7 @@ None; weights (H, 3) fp32; mem_len (B,) int or None).
 Launches:
 - forward: one kernel, grid (cdiv(Tq, BLOCK_M), B*H). All three paths in one pass; the chunk
   path reuses the global path's QK^T tiles; RoPE in registers.
-- backward: four kernels, all deterministic (no atomics; ``deterministic=True`` is accepted and
-  changes nothing):
+- backward: four kernels, all deterministic (no atomics):
   1. preprocess, grid (cdiv(Tq, BLOCK_M), B*H): DI[b,h,p,i] = sum_d dO * O_p;
   2. dq, grid (cdiv(Tq, BLOCK_M), B*H), all paths;
   3. dk/dv, grid (cdiv(Tk, BLOCK_N), B*G), looping over the H/G query heads of the group;
@@ -36,9 +35,10 @@ Activation memory saved for the backward, beyond the inputs and the output:
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+
+from chunkmem.triton_env import TRITON_DTYPE, interpreting
 
 __all__ = [
     "hybrid_attention_triton",
@@ -51,12 +51,7 @@ __all__ = [
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 KERNEL_KINDS = ("fwd", "bwd_preprocess", "bwd_dq", "bwd_dkdv", "bwd_dmem")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel kind, element size (2 or 4 bytes) and D.
@@ -93,7 +88,7 @@ def block_config(kind: str, dtype: torch.dtype, head_dim: int, interpret: bool |
     blocks are 16 x 16 (smallest tl.dot size) so that small test shapes span several blocks.
     """
     if interpret is None:
-        interpret = _interpreting()
+        interpret = interpreting()
     if kind == "bwd_preprocess":  # row-wise dot: (4096 / D) rows x D per program
         bm = 16 if interpret else 4096 // head_dim
         return dict(BLOCK_M=bm, BLOCK_N=bm, num_warps=4, num_stages=1)
@@ -107,7 +102,7 @@ def block_config(kind: str, dtype: torch.dtype, head_dim: int, interpret: bool |
 
 
 def unsupported_reason(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_global,
-                       rope_base, start_pos, scale, deterministic=False):
+                       rope_base, start_pos, scale):
     """None when the kernels handle these (normalized) arguments, else a string saying why not."""
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} is not supported (fp32, fp16, bf16)"
@@ -115,7 +110,7 @@ def unsupported_reason(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, u
     if D not in SUPPORTED_HEAD_DIMS:
         return f"head dim {D} is not supported by the kernels (one of {SUPPORTED_HEAD_DIMS})"
     if q.device.type == "cuda":
-        if _interpreting():
+        if interpreting():
             return "TRITON_INTERPRET=1 runs kernels on CPU tensors only"
         if torch.cuda.get_device_capability(q.device) < (8, 0):
             return "the kernels need an sm_80 or newer GPU"
@@ -126,14 +121,16 @@ def unsupported_reason(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, u
             return (f"no spill-free backward kernel configuration for {q.dtype} at head dim {D} "
                     "(fp32 backward needs D <= 64)")
     elif q.device.type == "cpu":
-        if not _interpreting():
+        if not interpreting():
             return "CPU tensors need TRITON_INTERPRET=1"
         if q.dtype == torch.bfloat16:
             return "bf16 tl.dot is not supported by the Triton interpreter"
     else:
         return f"device {q.device.type} is not supported"
-    if max(q.shape[2], k.shape[2], mem_k.shape[2] if mem_k is not None else 0) >= 2 ** 30:
-        return "sequence too long for 32-bit in-head offsets"
+    if max(q.shape[2], k.shape[2], mem_k.shape[2] if mem_k is not None else 0) * D >= 2 ** 31:
+        return "sequence too long for 32-bit in-head offsets (T * D >= 2**31)"
+    if q.shape[0] * q.shape[1] > 65535:
+        return "B * H > 65535 exceeds the CUDA grid's second axis"
     if not (-2 ** 31 <= int(start_pos) and int(start_pos) + k.shape[2] < 2 ** 31):
         return "positions start_pos .. start_pos + Tk must fit in int32"
     return None
@@ -319,11 +316,11 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, lse, og, oc, o
 
 
 def hybrid_attention_triton(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_global,
-                            rope_base, start_pos, scale, deterministic=False):
+                            rope_base, start_pos, scale):
     """Fused Triton hybrid attention on normalized arguments (see module docstring) -> (B, H, Tq, D).
 
     Differentiable in q, k, v, mem_k, mem_v and weights. Every kernel is deterministic (no
-    atomics), so ``deterministic`` is accepted for API compatibility and has no effect.
+    atomics): the same inputs give bitwise-identical outputs and gradients.
     """
     # The backward needs the per-path outputs: save them only when autograd can ask for it.
     store_paths = torch.is_grad_enabled() and any(
@@ -394,7 +391,7 @@ def compile_variants() -> list:
     flags = dict(USE_GLOBAL=True, HAS_CHUNK=True, HAS_MEM=True, ROPE=True, STORE_PATHS=True)
     variants = []
     for dtype in _DTYPES:
-        tdt = _TRITON_DTYPE[dtype]
+        tdt = TRITON_DTYPE[dtype]
         for D in SUPPORTED_HEAD_DIMS:
             for kind, fn in fns.items():
                 if not has_gpu_config(kind, dtype, D):

@@ -27,20 +27,16 @@ each (the reverse recurrence needs g_j, c_j and m_{j-1} for every j), n = ceil(T
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 
+from chunkmem.triton_env import TRITON_DTYPE, interpreting
+
 __all__ = ["gated_memory_update_triton", "unsupported_reason", "compile_variants"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 MAX_D = 4096  # widest model dimension whose block choices were compile-checked
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,65 +45,27 @@ def _interpreting() -> bool:
 
 def unsupported_reason(memory, x, w_gate, b_gate, w_cand, b_cand, *, chunk_size, mem_len
                        ) -> Optional[str]:
-    """None if the Triton kernels can run these (already validated) arguments, else why not."""
-    tensors = (memory, x, w_gate, b_gate, w_cand, b_cand)
-    if any(not isinstance(t, torch.Tensor) for t in tensors):
-        return "all of memory, x, w_gate, b_gate, w_cand, b_cand must be tensors"
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) != 1:
-        return f"mixed dtypes {sorted(str(t) for t in dtypes)}; the kernels take one dtype"
-    dtype = memory.dtype
+    """None if the Triton kernels can run these arguments, else why not.
+
+    The arguments are already validated by :func:`chunkmem.gated_memory_update` (shapes, one
+    dtype, one device); this only says what the kernels cover.
+    """
+    dtype, device = memory.dtype, memory.device
     if dtype not in _SUPPORTED_DTYPES:
         return f"dtype {dtype} is not supported (float32, float16, bfloat16)"
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
-        return f"tensors on several devices {sorted(str(d) for d in devices)}"
-    device = memory.device
-    if device.type != "cuda" and not _interpreting():
+    if device.type == "cuda":
+        if interpreting():
+            return "TRITON_INTERPRET=1 runs kernels on CPU tensors only"
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return "the kernels need an sm_80 or newer GPU"
+    elif not interpreting():
         return f"tensors on {device}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
-    if device.type != "cuda" and dtype == torch.bfloat16:
+    elif dtype == torch.bfloat16:
         return "bfloat16 is not supported by the Triton interpreter (its tl.dot gives garbage)"
-    if memory.dim() != 3:
-        return "memory must be (B, S, d)"
     d = memory.shape[-1]
     if d > MAX_D:
         return f"d={d} > {MAX_D}: no compile-checked block sizes for it"
     return None
-
-
-def _check_args(memory, x, w_gate, b_gate, w_cand, b_cand, chunk_size, mem_len) -> None:
-    """ValueError/TypeError for arguments that do not fit SPEC §2, before any launch."""
-    named = dict(memory=memory, x=x, w_gate=w_gate, b_gate=b_gate, w_cand=w_cand, b_cand=b_cand)
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if memory.dim() != 3:
-        raise ValueError(f"memory must be (B, S, d), got shape {tuple(memory.shape)}")
-    B, S, d = memory.shape
-    if S < 1:
-        raise ValueError(f"memory must have S >= 1 slots, got S={S}")
-    if x.dim() != 3 or x.shape[0] != B or x.shape[2] != d:
-        raise ValueError(f"x must be (B={B}, T, d={d}), got shape {tuple(x.shape)}")
-    if x.shape[1] < 1:
-        raise ValueError("x must hold at least one token (T >= 1)")
-    for name, w in (("w_gate", w_gate), ("w_cand", w_cand)):
-        if tuple(w.shape) != (d, d):
-            raise ValueError(f"{name} must be (d, d) = ({d}, {d}), got {tuple(w.shape)}")
-    for name, bias in (("b_gate", b_gate), ("b_cand", b_cand)):
-        if tuple(bias.shape) != (d,):
-            raise ValueError(f"{name} must be (d,) = ({d},), got {tuple(bias.shape)}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    if not isinstance(mem_len, torch.Tensor):
-        raise TypeError(f"mem_len must be an int tensor of shape (B,), got {type(mem_len)}")
-    if mem_len.dtype.is_floating_point or mem_len.dtype.is_complex or mem_len.dtype == torch.bool:
-        raise TypeError(f"mem_len must be an integer tensor, got {mem_len.dtype}")
-    if tuple(mem_len.shape) != (B,):
-        raise ValueError(f"mem_len must have shape (B,) = ({B},), got {tuple(mem_len.shape)}")
-    reason = unsupported_reason(memory, x, w_gate, b_gate, w_cand, b_cand,
-                                chunk_size=chunk_size, mem_len=mem_len)
-    if reason is not None:
-        raise ValueError(f"gated_memory_update_triton: {reason}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,11 +210,14 @@ def gated_memory_update_triton(memory, x, w_gate, b_gate, w_cand, b_cand, *, chu
     """Gated FIFO memory update (SPEC §2) with the Triton kernels.
 
     memory: (B, S, d), valid slots right-aligned; x: (B, T, d); w_gate, w_cand: (d, d);
-    b_gate, b_cand: (d,); mem_len: int tensor (B,) with 0 <= mem_len <= S (not re-checked
-    here: that needs a device sync; :mod:`chunkmem.ops` checks it).
+    b_gate, b_cand: (d,); mem_len: int tensor (B,) with 0 <= mem_len <= S. The arguments are
+    validated by :func:`chunkmem.gated_memory_update`, not re-checked here.
     Returns (new_memory (B, S, d) in memory.dtype, new_mem_len = min(S, mem_len + n) int64 (B,)).
     """
-    _check_args(memory, x, w_gate, b_gate, w_cand, b_cand, chunk_size, mem_len)
+    reason = unsupported_reason(memory, x, w_gate, b_gate, w_cand, b_cand, chunk_size=chunk_size,
+                                mem_len=mem_len)
+    if reason is not None:
+        raise ValueError(f"gated_memory_update_triton: {reason}")
     B, S, d = memory.shape
     n = -(-x.shape[1] // chunk_size)
     new_mem_len = torch.clamp(mem_len.to(device=memory.device, dtype=torch.int64) + n, max=S)
@@ -276,7 +237,7 @@ def gated_memory_update_triton(memory, x, w_gate, b_gate, w_cand, b_cand, *, chu
 def _signature(kernel: str, fn, dtype: torch.dtype, constexpr_names) -> dict:
     """triton.compiler.ASTSource signature (arg name -> type string) of one kernel, in the
     order of ``fn``'s arguments."""
-    t = "*" + _TRITON_DTYPE[dtype]
+    t = "*" + TRITON_DTYPE[dtype]
     f32 = "*fp32"
     i32 = "i32"
     types = {
@@ -311,7 +272,7 @@ def compile_variants(full: bool = False) -> list:
            "dx": K.input_grad_kernel}
     out, seen = [], set()
     for dtype in _SUPPORTED_DTYPES:
-        tname = _TRITON_DTYPE[dtype]
+        tname = TRITON_DTYPE[dtype]
         precisions = ("ieee", "tf32") if dtype == torch.float32 else ("tf32",)
         for d in ((16, 32, MAX_D) if full else (16, MAX_D)):
             for rows in ((1, 32, 4096) if full else (1, 4096)):

@@ -61,17 +61,15 @@ def test_compiled_op_with_triton_kernels_in_the_interpreter_matches_eager():
     so they agree to float32 rounding.
     """
     torch.manual_seed(2)
-    q = torch.randn(1, 2, 10, 32, requires_grad=True)
-    k = torch.randn(1, 1, 12, 32, requires_grad=True)
-    v = torch.randn(1, 1, 12, 32, requires_grad=True)
-    mk = torch.randn(1, 1, 4, 32, requires_grad=True)
-    mv = torch.randn(1, 1, 4, 32, requires_grad=True)
-    w = torch.rand(2, 3, requires_grad=True)
-    inputs = (q, k, v, mk, mv, w)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = [(1, 2, 10, 32), (1, 1, 12, 32), (1, 1, 12, 32), (1, 1, 4, 32), (1, 1, 4, 32)]
+    inputs = tuple(torch.randn(s, device=dev, requires_grad=True) for s in shapes)
+    inputs += (torch.rand(2, 3, device=dev, requires_grad=True),)
+    mem_len = torch.tensor([3], device=dev)
 
     def f(q, k, v, mk, mv, w):
         return chunkmem.hybrid_attention(q, k, v, mk, mv, weights=w, chunk_size=4, rope_base=10000.0,
-                                         mem_len=torch.tensor([3]), backend="triton")
+                                         mem_len=mem_len, backend="triton")
 
     out_eager = f(*inputs)
     out_comp = torch.compile(f, fullgraph=True)(*inputs)

@@ -18,6 +18,7 @@ import torch
 
 from chunkmem import triton_attention as ta
 from chunkmem.reference import hybrid_attention_reference
+from chunkmem.triton_env import TRITON_DTYPE
 
 pytestmark = pytest.mark.interpreter
 
@@ -48,7 +49,11 @@ def make_inputs(dtype, B, H, G, Tq, Tk, D, S, mem_len, chunk_size, use_global, s
 
 def run(fn, args, kwargs, dout, **extra):
     """Output and the gradients of (out * dout).sum() w.r.t. the six differentiable inputs
-    (zeros for an input that does not reach the output, None for an absent one)."""
+    (zeros for an input that does not reach the output, None for an absent one); with
+    dout=None, the output alone (no gradients: six Nones)."""
+    if dout is None:
+        with torch.no_grad():
+            return fn(*args, **kwargs, **extra), [None] * 6
     leaves = [a.detach().clone().requires_grad_(True) if i < 6 and a is not None else a
               for i, a in enumerate(args)]
     out = fn(*leaves, **kwargs, **extra)
@@ -68,6 +73,14 @@ def check_case(dtype, B, H, G, Tq, Tk, D, S=0, mem_len=None, chunk_size=None, us
                   start_pos=start_pos, scale=1.0 / math.sqrt(D))
     assert ta.unsupported_reason(*args, **kwargs) is None
     dout = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    # On a GPU, fp32 at D >= 128 has a forward kernel but no spill-free backward: calls that need
+    # gradients are routed to the torch backend (asserted here), so only the forward is compared.
+    has_backward = DEVICE == "cpu" or all(
+        ta.has_gpu_config(kind, dtype, D) for kind in ("bwd_dq", "bwd_dkdv", "bwd_dmem"))
+    if not has_backward:
+        leaves = [a.detach().requires_grad_(True) if i < 6 and a is not None else a for i, a in enumerate(args)]
+        assert "backward" in ta.unsupported_reason(*leaves, **kwargs)
+        dout = None
     out, grads = run(ta.hybrid_attention_triton, args, kwargs, dout)
     ref64, g64 = run(hybrid_attention_reference, args, kwargs, dout, compute_dtype=torch.float64)
     refl, gl = run(hybrid_attention_reference, args, kwargs, dout, compute_dtype=dtype)
@@ -145,7 +158,7 @@ def test_gpu_config_tables():
     for kind in ta.KERNEL_KINDS:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for D in ta.SUPPORTED_HEAD_DIMS:
-                listed = any(n.startswith(f"attn_{kind}_{ta._TRITON_DTYPE[dtype]}_d{D}_") for n in names)
+                listed = any(n.startswith(f"attn_{kind}_{TRITON_DTYPE[dtype]}_d{D}_") for n in names)
                 assert listed == ta.has_gpu_config(kind, dtype, D), (kind, dtype, D)
     assert not ta.has_gpu_config("bwd_dq", torch.float32, 128)
     assert ta.has_gpu_config("fwd", torch.float32, 256)
@@ -160,11 +173,11 @@ def test_deterministic_and_strided_inputs():
     args = make_inputs(dtype, 1, 4, 2, 33, 33, 32, 9, (7,), 8, True)
     kwargs = dict(chunk_size=8, use_global=True, rope_base=10000.0, start_pos=0, scale=0.2)
     dout = torch.randn(1, 4, 33, 32).to(DEVICE, dtype)
-    out1, g1 = run(ta.hybrid_attention_triton, args, kwargs, dout, deterministic=True)
+    out1, g1 = run(ta.hybrid_attention_triton, args, kwargs, dout)
     strided = list(args)
     strided[0] = args[0].transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) storage
     assert not strided[0].is_contiguous()
-    out2, g2 = run(ta.hybrid_attention_triton, strided, kwargs, dout, deterministic=True)
+    out2, g2 = run(ta.hybrid_attention_triton, strided, kwargs, dout)
     assert torch.equal(out1, out2)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)

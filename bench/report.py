@@ -1,0 +1,121 @@
+"""Text summary of a sweep: chunkmem-vs-peer ratios, the issue-2 table, the model rows."""
+from __future__ import annotations
+
+__all__ = ["primary_impl", "ratio_table", "issue2_table", "model_table", "status_table", "report"]
+
+ISSUE2_T = (2048, 4096, 8192, 16384)
+
+
+def primary_impl(records) -> str:
+    """The chunkmem implementation "auto" picks on the sweep's device."""
+    return "chunkmem-triton" if any(r["impl"] == "chunkmem-triton" for r in records) else "chunkmem-torch"
+
+
+def _index(records):
+    return {(r["op"], r["impl"], r["pass"], r["T"]): r for r in records}
+
+
+def _ok(r):
+    return r is not None and r["status"] == "ok"
+
+
+def _fmt(x, spec=".1f"):
+    return "-" if x is None else format(x, spec)
+
+
+def ratio_table(records) -> str:
+    """Time and memory of chunk+memory over SDPA causal and over the three-path op, at the
+    largest T where all three are ok (per pass)."""
+    idx, impl = _index(records), primary_impl(records)
+    lines = [f"### chunk+memory ({impl}) vs peers at the largest common T", "",
+             "| pass | T | time / SDPA causal | memory / SDPA causal | time / three-path | memory / three-path |",
+             "|---|---|---|---|---|---|"]
+    for pass_ in ("fwd", "fwd+bwd"):
+        common = [T for (op, im, p, T), r in idx.items()
+                  if (op, im, p) == ("chunk+memory", impl, pass_) and _ok(r)
+                  and _ok(idx.get(("causal", "sdpa", pass_, T)))
+                  and _ok(idx.get(("global+chunk+memory", impl, pass_, T)))]
+        if not common:
+            lines.append(f"| {pass_} | no common T | | | | |")
+            continue
+        T = max(common)
+        cm, sd, g3 = (idx[(op, im, pass_, T)] for op, im in
+                      (("chunk+memory", impl), ("causal", "sdpa"), ("global+chunk+memory", impl)))
+
+        def ratio(a, b, key):
+            return _fmt(a[key] / b[key], ".3f") if a[key] and b[key] else "-"
+        lines.append(f"| {pass_} | {T} | {ratio(cm, sd, 'median_ms')} | {ratio(cm, sd, 'peak_mem_mb')} | "
+                     f"{ratio(cm, g3, 'median_ms')} | {ratio(cm, g3, 'peak_mem_mb')} |")
+    return "\n".join(lines)
+
+
+def issue2_table(records) -> str:
+    """chunkmem-torch (use_global False / True) beside SDPA causal at T = 2k..16k, and the two
+    expectations: memory(16k)/memory(4k) <= 4.5 and time(SDPA)/time at 16k >= 5 (use_global=False)."""
+    idx = _index(records)
+    cols = (("chunk+memory", "chunkmem-torch", "torch use_global=False"),
+            ("global+chunk+memory", "chunkmem-torch", "torch use_global=True"),
+            ("causal", "sdpa", "SDPA causal"))
+    head = " | ".join(f"{name} ms | {name} MiB" for _, _, name in cols)
+    lines = ["### issue 2 point 6: torch backend vs SDPA causal (B=1, H=8, D=64, chunk 64, S=64)", "",
+             f"| pass | T | {head} |", "|---|---|" + "---|" * (2 * len(cols))]
+    for pass_ in ("fwd", "fwd+bwd"):
+        for T in ISSUE2_T:
+            cells = []
+            for op, impl, _ in cols:
+                r = idx.get((op, impl, pass_, T))
+                if _ok(r):
+                    cells += [_fmt(r["median_ms"]), _fmt(r["peak_mem_mb"])]
+                else:
+                    cells += [r["status"] if r else "not run", ""]
+            lines.append(f"| {pass_} | {T} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for pass_ in ("fwd", "fwd+bwd"):
+        m4, m16 = (idx.get(("chunk+memory", "chunkmem-torch", pass_, T)) for T in (4096, 16384))
+        sdpa16 = idx.get(("causal", "sdpa", pass_, 16384))
+        if _ok(m4) and _ok(m16) and m4["peak_mem_mb"] > 0:
+            mr = m16["peak_mem_mb"] / m4["peak_mem_mb"]
+            lines.append(f"- {pass_}: use_global=False memory(16k)/memory(4k) = {mr:.2f} "
+                         f"(expected <= 4.5: {'met' if mr <= 4.5 else 'MISSED'})")
+        if _ok(m16) and _ok(sdpa16):
+            tr = sdpa16["median_ms"] / m16["median_ms"]
+            lines.append(f"- {pass_}: SDPA causal time / use_global=False time at 16k = {tr:.1f}x "
+                         f"(expected >= 5: {'met' if tr >= 5 else 'MISSED'})")
+    return "\n".join(lines)
+
+
+def model_table(records) -> str:
+    """Whole-model forward+backward tokens/s and peak memory."""
+    rows = [r for r in records if r["op"] == "model"]
+    if not rows:
+        return ""
+    lines = ["### whole model, forward+backward (next-token loss)", "",
+             "| impl | T | d_model | layers | segment_len | params | median ms | tokens/s | peak MiB | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['impl']} | {r['T']} | {r.get('d_model', '-')} | {r.get('n_layers', '-')} | "
+                     f"{r.get('segment_len') or '-'} | {r.get('params', '-')} | {_fmt(r['median_ms'])} | "
+                     f"{_fmt(r['tokens_per_s'], '.0f')} | {_fmt(r['peak_mem_mb'])} | {r['status']} |")
+    return "\n".join(lines)
+
+
+def status_table(records) -> str:
+    """The first point of each series that is not ok, with its status."""
+    first = {}
+    for r in records:
+        if r["status"] != "ok":
+            first.setdefault((r["impl"], r["op"], r["pass"]), r)
+    if not first:
+        return ""
+    lines = ["### series with points that are not ok (first such point)", "",
+             "| impl | op | pass | T | status |", "|---|---|---|---|---|"]
+    for (impl, op, pass_), r in first.items():
+        lines.append(f"| {impl} | {op} | {pass_} | {r['T']} | {r['status']} |")
+    return "\n".join(lines)
+
+
+def report(records, header: str = "") -> str:
+    """All tables of a sweep as Markdown."""
+    parts = [header, ratio_table(records), issue2_table(records), model_table(records),
+             status_table(records)]
+    return "\n\n".join(p for p in parts if p) + "\n"
