@@ -159,10 +159,11 @@ def gated_memory_update_torch(memory, x, w_gate, b_gate, w_cand, b_cand, *, chun
     n = math.ceil(T / C)
     cdt = torch.promote_types(memory.dtype, torch.float32)
     mem = memory.to(cdt)
-    xc = F.pad(x.to(cdt), (0, 0, 0, n * C - T))
-    counts = torch.full((n,), float(C), dtype=cdt, device=x.device)
-    counts[-1] = T - (n - 1) * C
-    u = xc.reshape(B, n, C, d).sum(dim=2) / counts[None, :, None]  # (B, n, d) chunk means
+    full = T // C  # chunk means as views of x (no padded copy); a shorter last chunk on its own
+    means = [x[:, : full * C].reshape(B, full, C, d).mean(dim=2, dtype=cdt)] if full else []
+    if T % C:
+        means.append(x[:, full * C:].mean(dim=1, keepdim=True, dtype=cdt))
+    u = torch.cat(means, dim=1) if len(means) > 1 else means[0]  # (B, n, d)
     g = torch.sigmoid(F.linear(u, w_gate.to(cdt), b_gate.to(cdt)))
     c = torch.tanh(F.linear(u, w_cand.to(cdt), b_cand.to(cdt)))
     mem_len = mem_len.long()
