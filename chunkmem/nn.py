@@ -43,6 +43,15 @@ class MemoryState:
         """The same state cut from the autograd graph (truncated backprop through segments)."""
         return self._map(torch.Tensor.detach)
 
+    def reset(self, rows: torch.Tensor) -> "MemoryState":
+        """The same state with the memory of the rows where ``rows`` (B,) bool is True emptied
+        (memory zeros, mem_len 0), e.g. where a new document starts in a batch of streams."""
+        keep = ~rows
+        return MemoryState([
+            None if lm is None else (lm[0] * keep.to(lm[0].dtype)[:, None, None], lm[1] * keep.to(lm[1].dtype))
+            for lm in self.layers
+        ])
+
     def to(self, device) -> "MemoryState":
         """The same state on another device."""
         return self._map(lambda t: t.to(device))
