@@ -228,6 +228,21 @@ def _finish_path(out, m_i, l_i, acc, w, lse_ptr, o_ptr, rows, row_ok,
 
 
 @triton.jit
+def _query_program(H, G, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Indices of a (query block, b * H + h) program: batch b, head h, its kv row bg = b * G + g,
+    the block's first row m0, its rows (BLOCK_M,) and their mask, the offset of this head's
+    (Tq, D) rows and of its (3, Tq) per-path statistics."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    bg = (b * G + h // (H // G)).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    return b, h, bg, m0, rows, rows < Tq, bh.to(tl.int64) * Tq * HEAD_DIM, bh.to(tl.int64) * 3 * Tq
+
+
+@triton.jit
 def hybrid_attention_fwd_kernel(
     Q, K, V, MK, MV, W, MEMLEN, ROPE_STEP, OUT, LSE, OG, OC, OM,
     H, G, Tq, Tk, S, chunk_size, start_pos, qk_scale,
@@ -238,17 +253,9 @@ def hybrid_attention_fwd_kernel(
     """One program per (query block, b * H + h): out = w_g O_g + w_c O_c + w_m O_m, LSE per path,
     and (STORE_PATHS) the normalized path outputs OG/OC/OM for the backward."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    bg = (b * G + h // (H // G)).to(tl.int64)
+    b, h, bg, m0, rows, row_ok, q_off, stats_off = _query_program(H, G, Tq, HEAD_DIM, BLOCK_M)
     off = Tk - Tq
-    m0 = pid_m * BLOCK_M
-    rows = m0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < Tq
-    q_off = bh.to(tl.int64) * Tq * HEAD_DIM
-    lse_ptr = LSE + bh.to(tl.int64) * 3 * Tq
+    lse_ptr = LSE + stats_off
     out = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     # Memory path first (fewer live accumulators during the long key loop that follows):
@@ -502,18 +509,10 @@ def hybrid_attention_bwd_dq_kernel(
 ):
     """One program per (query block, b * H + h): dq of all three paths (no atomics)."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    bg = (b * G + h // (H // G)).to(tl.int64)
+    b, h, bg, m0, rows, row_ok, q_off, stats_off = _query_program(H, G, Tq, HEAD_DIM, BLOCK_M)
     off = Tk - Tq
-    m0 = pid_m * BLOCK_M
-    rows = m0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < Tq
-    q_off = bh.to(tl.int64) * Tq * HEAD_DIM
-    lse_ptr = LSE + bh.to(tl.int64) * 3 * Tq
-    di_ptr = DI + bh.to(tl.int64) * 3 * Tq
+    lse_ptr = LSE + stats_off
+    di_ptr = DI + stats_off
     do = _load_rows(DO + q_off, rows, row_ok, HEAD_DIM)
     dq1 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
     dq2 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
