@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from chunkmem.backends import attention_backend, memory_update_backend
+from chunkmem.backends import (attention_backend, memory_update_backend, triton_attention_module,
+                               triton_memory_module)
 from chunkmem.triton_env import interpreting
 
 __all__ = ["hybrid_attention", "gated_memory_update", "BACKENDS"]
@@ -104,18 +105,6 @@ def _resolve_backend(backend, device, triton_module, args, kwargs):
                    "falling back to the 'torch' backend")
         return "torch"
     return "triton"
-
-
-def _triton_attention():
-    from chunkmem import triton_attention
-
-    return triton_attention
-
-
-def _triton_memory():
-    from chunkmem import triton_memory
-
-    return triton_memory
 
 
 # ----------------------------------------------------------------------------- hybrid attention
@@ -228,7 +217,7 @@ def hybrid_attention(
     args = (q, k, v, mem_k, mem_v, weights, mem_len)
     kwargs = dict(chunk_size=chunk_size, use_global=use_global, rope_base=rope_base,
                   start_pos=start_pos, scale=float(scale))
-    name = _resolve_backend(backend, q.device, _triton_attention, args, kwargs)
+    name = _resolve_backend(backend, q.device, triton_attention_module, args, kwargs)
     if torch.compiler.is_compiling():
         from chunkmem.library import hybrid_attention_op
 
@@ -278,5 +267,5 @@ def gated_memory_update(
 
     args = (memory, x, w_gate, b_gate, w_cand, b_cand)
     kwargs = dict(chunk_size=chunk_size, mem_len=mem_len)
-    name = _resolve_backend(backend, memory.device, _triton_memory, args, kwargs)
+    name = _resolve_backend(backend, memory.device, triton_memory_module, args, kwargs)
     return memory_update_backend(name)(*args, **kwargs)
