@@ -8,11 +8,13 @@ Launches:
 - forward: one kernel, grid (cdiv(Tq, BLOCK_M), B*H). All three paths in one pass; the chunk
   path reuses the global path's QK^T tiles; RoPE in registers.
 - backward: four kernels, all deterministic (no atomics):
-  1. preprocess, grid (cdiv(Tq, BLOCK_M), B*H): DI[b,h,p,i] = sum_d dO * O_p;
-  2. dq, grid (cdiv(Tq, BLOCK_M), B*H), all paths;
+  1. preprocess, grid (cdiv(Tq, BLOCK_M), B*H): the per-row statistics DI_p = w_p rowsum(dO * O_p)
+     of each path, from rowsum(dO * out) and a recomputation of the cheap paths (memory slots,
+     chunk window), and DW_p = rowsum(dO * O_p) of those cheap paths;
+  2. dq, grid (cdiv(Tq, BLOCK_M), B*H), all paths, plus DW of the remaining ("derived") path;
   3. dk/dv, grid (cdiv(Tk, BLOCK_N), B*G), looping over the H/G query heads of the group;
   4. dmem_k/dmem_v, grid (cdiv(S, BLOCK_N), B*G), likewise.
-  dweights[h, p] = sum_{b,i} DI[b, h, p, i] (a small torch reduction of the (B, H, 3, Tq) DI).
+  dweights[h, p] = sum_{b,i} DW[b, h, p, i] (a small torch reduction of the (B, H, 3, Tq) DW).
 
 Entry points: ``hybrid_attention_triton`` (autograd), ``hybrid_attention_triton_vjp`` (the
 gradients without autograd, for a torch.library backward op: torch.func transforms cannot run
@@ -25,12 +27,12 @@ fp32 inputs use exact fp32 dots. RoPE angles are exact fixed-point (see the kern
 Unsupported (-> torch backend): head dims other than 32/64/128/256, the fp32 backward at
 D >= 128 on a GPU (no spill-free configuration), bf16 in the interpreter, pre-sm_80 GPUs.
 
-Activation memory saved for the backward, beyond the inputs and the output:
-- LSE (B, H, 3, Tq) fp32 (log2 units): 12 bytes per query row and head;
-- the normalized per-path outputs O_p (B, H, Tq, D) in q's dtype, one per path that is on, only
-  when a gradient is needed. That is up to 3x the output's size, linear in T. They give the
-  backward ``DI_p = rowsum(dO * O_p)``, needed both for the softmax gradient of each path
-  (dS_p = w_p P_p (dP - DI_p)) and for dweights, without re-running the forward.
+Activation memory saved for the backward, beyond the inputs and the output: LSE (B, H, 3, Tq)
+fp32 (log2 units), 12 bytes per query row and head, O(B*H*Tq) as SPEC §1 asks. The per-path
+outputs are not saved; the backward gets what it needs of them (rowsum(dO * O_p) per row) from
+the output and a recomputation of the memory and chunk paths, whose cost is O(Tq * (S + C))
+against the global path's O(Tq * Tk) (see the kernels' docstring). The backward allocates two
+more (B, H, 3, Tq) fp32 buffers, DI and DW, while it runs.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ __all__ = [
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_KINDS = ("fwd", "bwd_preprocess", "bwd_dq", "bwd_dkdv", "bwd_dmem")
+BACKWARD_KINDS = KERNEL_KINDS[1:]
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel kind, element size (2 or 4 bytes) and D.
@@ -72,12 +75,14 @@ _GPU_CONFIGS = {
     ("bwd_dmem", 4): {32: (16, 16, 2, 1), 64: (16, 16, 2, 1)},
 }
 _GPU_CONFIGS[("bwd_dmem", 2)] = _GPU_CONFIGS[("bwd_dkdv", 2)]
+# The preprocess kernel runs the dq kernel's loop without the dq dots: the same tiles, except
+# fp32 at D = 64, where the dq kernel's (16, 16, 4, 2) spills 8 bytes on sm_80.
+_GPU_CONFIGS[("bwd_preprocess", 2)] = _GPU_CONFIGS[("bwd_dq", 2)]
+_GPU_CONFIGS[("bwd_preprocess", 4)] = {32: (16, 16, 4, 1), 64: (16, 16, 8, 2)}
 
 
 def has_gpu_config(kind: str, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether `kind` has a spill-free GPU launch configuration for this dtype and D."""
-    if kind == "bwd_preprocess":
-        return head_dim in SUPPORTED_HEAD_DIMS
     return head_dim in _GPU_CONFIGS[(kind, 4 if dtype == torch.float32 else 2)]
 
 
@@ -89,9 +94,6 @@ def block_config(kind: str, dtype: torch.dtype, head_dim: int, interpret: bool |
     """
     if interpret is None:
         interpret = interpreting()
-    if kind == "bwd_preprocess":  # row-wise dot: (4096 / D) rows x D per program
-        bm = 16 if interpret else 4096 // head_dim
-        return dict(BLOCK_M=bm, BLOCK_N=bm, num_warps=4, num_stages=1)
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     if not has_gpu_config(kind, dtype, head_dim):
@@ -117,7 +119,7 @@ def unsupported_reason(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, u
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, mem_k, mem_v, weights))
         if needs_grad and not all(has_gpu_config(kind, q.dtype, D)
-                                  for kind in ("bwd_dq", "bwd_dkdv", "bwd_dmem")):
+                                  for kind in BACKWARD_KINDS):
             return (f"no spill-free backward kernel configuration for {q.dtype} at head dim {D} "
                     "(fp32 backward needs D <= 64)")
     elif q.device.type == "cpu":
@@ -170,9 +172,8 @@ def _dot_precision(dtype) -> str:
 
 
 def _forward_impl(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global, rope_base,
-                  start_pos, scale, store_paths):
-    """Launch the forward kernel -> (out, lse, o_global, o_chunk, o_mem); a path output is an
-    empty tensor unless store_paths and the path is on."""
+                  start_pos, scale):
+    """Launch the forward kernel -> (out (B, H, Tq, D), lse (B, H, 3, Tq) fp32)."""
     from chunkmem.kernels.hybrid_attention import hybrid_attention_fwd_kernel
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -190,27 +191,23 @@ def _forward_impl(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_globa
     w = weights.detach().to(device=q.device, dtype=torch.float32).contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(B, H, 3, Tq, dtype=torch.float32, device=q.device)
-    paths = [torch.empty_like(q) if (store_paths and on) else q.new_empty(0)
-             for on in (use_global, has_chunk, has_mem)]
     cfg = block_config("fwd", q.dtype, D)
     if out.numel() > 0:
         hybrid_attention_fwd_kernel[(triton_cdiv(Tq, cfg["BLOCK_M"]), B * H)](
             q, k, v, mem_k, mem_v, w, mem_len, _rope_step(D, rope_base, q.device), out, lse,
-            *[p if p.numel() else q for p in paths],
             H, G, Tq, Tk, S, _chunk(chunk_size, Tk), int(start_pos),
             float(scale) * math.log2(math.e),
             HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             USE_GLOBAL=bool(use_global), HAS_CHUNK=has_chunk, HAS_MEM=has_mem,
-            ROPE=rope_base is not None, STORE_PATHS=bool(store_paths),
-            DOT_PREC=_dot_precision(q.dtype),
+            ROPE=rope_base is not None, DOT_PREC=_dot_precision(q.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-    return (out, lse, *paths)
+    return out, lse
 
 
 class _HybridAttentionFn(torch.autograd.Function):
-    """Autograd of the fused kernels: forward returns (out, lse, o_global, o_chunk, o_mem), all
-    but out non-differentiable saved statistics."""
+    """Autograd of the fused kernels: forward returns (out, lse); lse is a non-differentiable
+    statistic saved, with out, for the backward."""
 
     @staticmethod
     def forward(*args):
@@ -219,30 +216,25 @@ class _HybridAttentionFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global, rope_base, start_pos, \
-            scale, store_paths = inputs
-        out, lse, og, oc, om = output
-        ctx.mark_non_differentiable(lse, og, oc, om)
-        ctx.save_for_backward(q, k, v, mem_k, mem_v, weights, mem_len, lse, og, oc, om)
-        ctx.meta = _meta(k, mem_k, chunk_size, use_global, rope_base, start_pos, scale,
-                         store_paths)
+            scale = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, mem_k, mem_v, weights, mem_len, out, lse)
+        ctx.meta = _meta(k, mem_k, chunk_size, use_global, rope_base, start_pos, scale)
 
     @staticmethod
-    def backward(ctx, dout, *_unused):
-        if not ctx.meta["store_paths"]:
-            raise RuntimeError("hybrid_attention_triton: backward through a forward that ran "
-                               "without grad-requiring inputs (path outputs were not saved)")
+    def backward(ctx, dout, _dlse):
         grads = _backward_impl(dout, *ctx.saved_tensors, ctx.meta, ctx.needs_input_grad)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
-def _meta(k, mem_k, chunk_size, use_global, rope_base, start_pos, scale, store_paths):
+def _meta(k, mem_k, chunk_size, use_global, rope_base, start_pos, scale):
     return dict(C=_chunk(chunk_size, k.shape[2]), use_global=bool(use_global),
                 has_chunk=chunk_size is not None, has_mem=mem_k is not None,
-                rope_base=rope_base, start_pos=int(start_pos), scale=float(scale),
-                store_paths=bool(store_paths))
+                rope_base=rope_base, start_pos=int(start_pos), scale=float(scale))
 
 
-def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, lse, og, oc, om, m, need):
+def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, m, need):
     """Launch the backward kernels -> (dq, dk, dv, dmem_k, dmem_v, dweights); m: the forward's
     meta dict (see _meta), need: which of the six gradients are wanted (others may be zeros or
     None)."""
@@ -261,7 +253,6 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, lse, og, oc, o
         mem_k, mem_v = mem_k.contiguous(), mem_v.contiguous()
     else:
         mem_k = mem_v = q
-    og, oc, om = (p if p.numel() else q for p in (og, oc, om))
     mem_len = _mem_len_i32(mem_len, q.device)
     w = weights.detach().to(device=q.device, dtype=torch.float32).contiguous()
     rope_step = _rope_step(D, m["rope_base"], q.device)
@@ -270,7 +261,7 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, lse, og, oc, o
     prec = _dot_precision(q.dtype)
     qk_scale = m["scale"] * math.log2(math.e)
     run = dout.numel() > 0
-    run_dq = run and need[0]
+    run_dq = run and (need[0] or need[5])  # the dq kernel also sums the derived path's DW
     run_dkdv = run and (need[1] or need[2]) and (m["use_global"] or m["has_chunk"])
     run_dmem = run and (need[3] or need[4])  # need[3] implies memory is on
     # The kernels write every valid row of the gradients they compute.
@@ -281,17 +272,21 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, lse, og, oc, o
     if m["has_mem"]:
         dmk = torch.empty_like(mem_k) if run_dmem else torch.zeros_like(mem_k)
         dmv = torch.empty_like(mem_v) if run_dmem else torch.zeros_like(mem_v)
+    # Rows of paths that are off stay 0: DI is read for them, DW is summed into dweights.
     di = torch.zeros(B, H, 3, Tq, dtype=torch.float32, device=q.device)
+    dw_rows = torch.zeros(B, H, 3, Tq, dtype=torch.float32, device=q.device)
     if run:
         cfg = block_config("bwd_preprocess", q.dtype, D)
         hybrid_attention_bwd_preprocess_kernel[(triton_cdiv(Tq, cfg["BLOCK_M"]), B * H)](
-            dout, og, oc, om, di, Tq, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"],
-            HAS_MEM=m["has_mem"], **flags,
+            q, k, v, mem_k, mem_v, out.contiguous(), dout, w, mem_len, rope_step, lse, di,
+            dw_rows, H, G, Tq, Tk, S, m["C"], m["start_pos"], qk_scale,
+            HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            HAS_MEM=m["has_mem"], ROPE=m["rope_base"] is not None, DOT_PREC=prec, **flags,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if run_dq:
         cfg = block_config("bwd_dq", q.dtype, D)
         hybrid_attention_bwd_dq_kernel[(triton_cdiv(Tq, cfg["BLOCK_M"]), B * H)](
-            q, k, v, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, dq,
+            q, k, v, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, dw_rows, dq,
             H, G, Tq, Tk, S, m["C"], m["start_pos"], qk_scale, m["scale"],
             HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             HAS_MEM=m["has_mem"], ROPE=m["rope_base"] is not None, DOT_PREC=prec, **flags,
@@ -311,7 +306,7 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, lse, og, oc, o
             H, G, Tq, S, qk_scale, m["scale"],
             HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DOT_PREC=prec,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    dw = di.sum(dim=(0, 3)).to(weights.dtype) if need[5] else None  # (H, 3)
+    dw = dw_rows.sum(dim=(0, 3)).to(weights.dtype) if need[5] else None  # (H, 3)
     return dq, dk, dv, dmk, dmv, dw
 
 
@@ -322,17 +317,14 @@ def hybrid_attention_triton(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_si
     Differentiable in q, k, v, mem_k, mem_v and weights. Every kernel is deterministic (no
     atomics): the same inputs give bitwise-identical outputs and gradients.
     """
-    # The backward needs the per-path outputs: save them only when autograd can ask for it.
-    store_paths = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, mem_k, mem_v, weights))
     return _HybridAttentionFn.apply(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size,
-                                    use_global, rope_base, start_pos, scale, store_paths)[0]
+                                    use_global, rope_base, start_pos, scale)[0]
 
 
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time compile variants (used by `python -m chunkmem.compile_check`)
 # ----------------------------------------------------------------------------------------------
-_FP32_PTRS = {"W", "LSE", "DI"}
+_FP32_PTRS = {"W", "LSE", "DI", "DW"}
 _I32_PTRS = {"MEMLEN"}
 _I64_PTRS = {"ROPE_STEP"}
 _I32_ARGS = {"H", "G", "Tq", "Tk", "S", "chunk_size", "start_pos"}
@@ -376,7 +368,7 @@ def compile_variants() -> list:
     """Every kernel x dtype (fp32/fp16/bf16) x D (32/64/128/256) with its launch configuration
     (except the fp32 backward at D >= 128, which has none).
 
-    Each variant has all paths on, RoPE and saved path outputs: the largest code of its kernel.
+    Each variant has all paths on and RoPE: the largest code of its kernel.
     Returns dicts with keys name, fn, signature, constexprs, num_warps, num_stages.
     """
     from chunkmem.kernels import hybrid_attention as kern
@@ -388,7 +380,7 @@ def compile_variants() -> list:
         "bwd_dkdv": kern.hybrid_attention_bwd_dkdv_kernel,
         "bwd_dmem": kern.hybrid_attention_bwd_dmem_kernel,
     }
-    flags = dict(USE_GLOBAL=True, HAS_CHUNK=True, HAS_MEM=True, ROPE=True, STORE_PATHS=True)
+    flags = dict(USE_GLOBAL=True, HAS_CHUNK=True, HAS_MEM=True, ROPE=True)
     variants = []
     for dtype in _DTYPES:
         tdt = TRITON_DTYPE[dtype]
@@ -409,17 +401,16 @@ def compile_variants() -> list:
 
 def hybrid_attention_triton_vjp(dout, q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size,
                                 use_global, rope_base, start_pos, scale):
-    """Gradients of hybrid_attention_triton without autograd: recompute the forward (saving the
+    """Gradients of hybrid_attention_triton without autograd: recompute the forward (output and
     path statistics), then run the backward kernels.
 
     dout: (B, H, Tq, D). Returns (dq, dk, dv, dmem_k, dmem_v, dweights), the memory gradients
     None without memory. For callers that cannot use autograd (a torch.library backward op):
     torch.func transforms cannot run the kernels, whose tensors must be plain.
     """
-    out, lse, og, oc, om = _forward_impl(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size,
-                                         use_global, rope_base, start_pos, scale, True)
-    meta = _meta(k, mem_k, chunk_size, use_global, rope_base, start_pos, scale, True)
+    out, lse = _forward_impl(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global,
+                             rope_base, start_pos, scale)
+    meta = _meta(k, mem_k, chunk_size, use_global, rope_base, start_pos, scale)
     has_mem = mem_k is not None
     need = (True, True, True, has_mem, has_mem, True)
-    return _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, lse, og, oc, om, meta,
-                          need)
+    return _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, meta, need)

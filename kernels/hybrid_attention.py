@@ -1,10 +1,19 @@
 """Fused Triton kernels of hybrid attention (SPEC §1): forward and backward, ``@triton.jit`` only.
 
 Launch, block sizes and autograd live in :mod:`chunkmem.triton_attention`. Layout (all tensors
-contiguous): q, out, do, dq and the saved per-path outputs (B, H, Tq, D); k, v, dk, dv (B, G, Tk, D);
-mem_k, mem_v, dmem_k, dmem_v (B, G, S, D); weights (H, 3) fp32; mem_len (B,) int32; rope_step
-(D/2,) int64 (``rope_base ** (-2t/D) / (2 pi)`` in units of 2**-48 turns); LSE and DI
-(B, H, 3, Tq) fp32, path index 0 = global, 1 = chunk, 2 = memory.
+contiguous): q, out, do, dq (B, H, Tq, D); k, v, dk, dv (B, G, Tk, D); mem_k, mem_v, dmem_k, dmem_v
+(B, G, S, D); weights (H, 3) fp32; mem_len (B,) int32; rope_step (D/2,) int64
+(``rope_base ** (-2t/D) / (2 pi)`` in units of 2**-48 turns); the per-row statistics LSE, DI and
+DW (B, H, 3, Tq) fp32, path index 0 = global, 1 = chunk, 2 = memory.
+
+Backward statistics, with O_p the normalized output of path p and out = sum_p w_p O_p:
+``DW_p = rowsum(dO * O_p)`` (its sum over rows is dweights[p]) and ``DI_p = w_p * DW_p``, so that
+path p's score gradient is ``dS_p = P_p * (w_p dP - DI_p)`` with ``dP = dO V^T``. The path outputs
+are not saved (that would be up to 3x the output): since ``sum_p DI_p = rowsum(dO * out)``, the
+most expensive path that is on (global, else chunk, else memory: the "derived" path) takes its
+DI from that identity, the others (memory slots, chunk window) are recomputed by the
+preprocess kernel as ``rowsum_j P_ij dP_ij``, and the derived path's DW is summed by the dq
+kernel, which recomputes its P and dP anyway.
 
 Conventions:
 - Scores live in log2 units: ``s = (q . k) * scale * log2(e)``, softmax with ``exp2``. The saved
@@ -217,13 +226,10 @@ def _fwd_loop(m1, l1, acc1, m2, l2, acc2, q1, q2, rows, k_ptr, v_ptr, ROPE_STEP,
 
 
 @triton.jit
-def _finish_path(out, m_i, l_i, acc, w, lse_ptr, o_ptr, rows, row_ok,
-                 HEAD_DIM: tl.constexpr, STORE_PATHS: tl.constexpr):
-    """Add w * O_p to out, save the path's LSE (and O_p when the backward needs it)."""
+def _finish_path(out, m_i, l_i, acc, w, lse_ptr, rows, row_ok):
+    """Add w * O_p to out and save the path's LSE."""
     o, lse = _finish(m_i, l_i, acc)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
-    if STORE_PATHS:
-        _store_rows(o_ptr, rows, row_ok, o, HEAD_DIM)
     return out + w * o
 
 
@@ -244,14 +250,14 @@ def _query_program(H, G, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def hybrid_attention_fwd_kernel(
-    Q, K, V, MK, MV, W, MEMLEN, ROPE_STEP, OUT, LSE, OG, OC, OM,
+    Q, K, V, MK, MV, W, MEMLEN, ROPE_STEP, OUT, LSE,
     H, G, Tq, Tk, S, chunk_size, start_pos, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
-    ROPE: tl.constexpr, STORE_PATHS: tl.constexpr, DOT_PREC: tl.constexpr,
+    ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """One program per (query block, b * H + h): out = w_g O_g + w_c O_c + w_m O_m, LSE per path,
-    and (STORE_PATHS) the normalized path outputs OG/OC/OM for the backward."""
+    """One program per (query block, b * H + h): out = w_g O_g + w_c O_c + w_m O_m and the LSE of
+    each path."""
     HALF: tl.constexpr = HEAD_DIM // 2
     b, h, bg, m0, rows, row_ok, q_off, stats_off = _query_program(H, G, Tq, HEAD_DIM, BLOCK_M)
     off = Tk - Tq
@@ -273,8 +279,7 @@ def hybrid_attention_fwd_kernel(
             off, S, first, chunk_size, start_pos, qk_scale, (first // BLOCK_N) * BLOCK_N, S,
             HALF, HEAD_DIM, BLOCK_N, True, False, True, True, False, DOT_PREC)
         w_m = tl.load(W + h * 3 + 2)
-        out = _finish_path(out, m_m, l_m, acc_m, w_m, lse_ptr + 2 * Tq, OM + q_off, rows, row_ok,
-                           HEAD_DIM, STORE_PATHS)
+        out = _finish_path(out, m_m, l_m, acc_m, w_m, lse_ptr + 2 * Tq, rows, row_ok)
     # Global and chunk paths: one pass over the key blocks up to the diagonal (RoPE'd q).
     q1, q2 = _load_rot(Q + q_off, rows, row_ok, start_pos + off + rows, ROPE_STEP, HALF, HEAD_DIM,
                        ROPE)
@@ -299,12 +304,10 @@ def hybrid_attention_fwd_kernel(
             HALF, HEAD_DIM, BLOCK_N, USE_GLOBAL, HAS_CHUNK, True, False, ROPE, DOT_PREC)
     if USE_GLOBAL:
         w_g = tl.load(W + h * 3)
-        out = _finish_path(out, m_g, l_g, acc_g, w_g, lse_ptr, OG + q_off, rows, row_ok,
-                           HEAD_DIM, STORE_PATHS)
+        out = _finish_path(out, m_g, l_g, acc_g, w_g, lse_ptr, rows, row_ok)
     if HAS_CHUNK:
         w_c = tl.load(W + h * 3 + 1)
-        out = _finish_path(out, m_c, l_c, acc_c, w_c, lse_ptr + Tq, OC + q_off, rows, row_ok,
-                           HEAD_DIM, STORE_PATHS)
+        out = _finish_path(out, m_c, l_c, acc_c, w_c, lse_ptr + Tq, rows, row_ok)
 
     _store_rows(OUT + q_off, rows, row_ok, out, HEAD_DIM)
 
@@ -313,38 +316,209 @@ def hybrid_attention_fwd_kernel(
 # Backward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _row_dot(DI_row, O_row, do, rows, row_ok, HEAD_DIM: tl.constexpr):
-    o = _load_rows(O_row, rows, row_ok, HEAD_DIM).to(tl.float32)
-    tl.store(DI_row + rows, tl.sum(o * do, 1), mask=row_ok)
+def _path_grad(pw, ds, s, dp, lse, di, w):
+    """Add path p's w_p * P_p to pw and its score gradient P_p * (w_p dP - DI_p) to ds; also
+    return rowsum(P_p * dP) = rowsum(dO * O_p). s is -inf where masked."""
+    p = tl.exp2(s - lse[:, None])
+    wp = w * p
+    return pw + wp, ds + (wp * dp - p * di[:, None]), tl.sum(p * dp, 1)
+
+
+@triton.jit
+def _row_stat(x, row_ok, LOAD: tl.constexpr):
+    """x itself (M,), or, when LOAD, the rows that the (M,) pointers x point to (0 past Tq)."""
+    if LOAD:
+        x = tl.load(x, mask=row_ok, other=0.0)
+    return x
+
+
+@triton.jit
+def _tile_grads(q1, q2, k1, k2, do, v, rows, cols, row_ok, lse1, di1, w1, lse2, di2, w2,
+                off, n_keys, first_key, chunk_size, qk_scale,
+                DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
+                LOAD_STATS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Recompute one (query tile, key tile) of states 1 and 2 (as in _fwd_loop).
+
+    q halves (M, HALF), do (M, D), k halves (N, HALF), v (N, D); lse*, di* (M,) and the weights
+    w* of the two states; with LOAD_STATS, lse* and di* are (M,) pointers, loaded after the dots
+    (loaded before them, they stay live across the dots: the D = 256 dk/dv kernel then spills).
+    Returns pw = sum_p w_p P_p (M, N), the weights of dV; ds = sum_p P_p (w_p dP - DI_p) (M, N),
+    the gradient of the scores (in units of q.k * scale); and r1, r2 = rowsum(P dP) (M,) of each
+    state, 0 for a state that is off.
+    """
+    s = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, chunk_size, MEM, MASKED, DO_2)
+    pw = tl.zeros_like(dp)
+    ds = tl.zeros_like(dp)
+    r1 = tl.zeros([dp.shape[0]], dtype=tl.float32)
+    r2 = r1
+    if DO_1:
+        pw, ds, r1 = _path_grad(pw, ds, s1, dp, _row_stat(lse1, row_ok, LOAD_STATS),
+                                _row_stat(di1, row_ok, LOAD_STATS), w1)
+    if DO_2:
+        pw, ds, r2 = _path_grad(pw, ds, s2, dp, _row_stat(lse2, row_ok, LOAD_STATS),
+                                _row_stat(di2, row_ok, LOAD_STATS), w2)
+    return pw, ds, r1, r2
+
+
+@triton.jit
+def _bwd_q_loop(dq1, dq2, r1, r2, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
+                lse1, di1, w1, lse2, di2, w2,
+                off, n_keys, first_key, chunk_size, start_pos, qk_scale, lo, hi,
+                HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
+                ROPE: tl.constexpr, GRAD_Q: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Over key blocks [lo, hi): add rowsum(P dP) of states 1/2 (as in _fwd_loop) to r1, r2 and,
+    when GRAD_Q, the query block's dq halves (w.r.t. the q used in the scores) to dq1, dq2."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_keys
+        k1, k2 = _load_rot(k_ptr, cols, col_ok, start_pos + cols, ROPE_STEP, HALF, HEAD_DIM, ROPE)
+        v = _load_rows(v_ptr, cols, col_ok, HEAD_DIM)
+        pw, ds, t1, t2 = _tile_grads(q1, q2, k1, k2, do, v, rows, cols, None, lse1, di1, w1,
+                                     lse2, di2, w2, off, n_keys, first_key, chunk_size, qk_scale,
+                                     DO_1, DO_2, MASKED, MEM, False, DOT_PREC)
+        r1 += t1
+        r2 += t2
+        if GRAD_Q:
+            ds = ds.to(k1.dtype)
+            dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)
+            dq2 = tl.dot(ds, k2, dq2, input_precision=DOT_PREC)
+    return dq1, dq2, r1, r2
+
+
+@triton.jit
+def _store_derived(ptr, rows, row_ok, Tq, x, USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr):
+    """Store x (M,) into the statistics row of the derived path (global, else chunk, else
+    memory) of a (3, Tq) block."""
+    if USE_GLOBAL:
+        tl.store(ptr + rows, x, mask=row_ok)
+    elif HAS_CHUNK:
+        tl.store(ptr + Tq + rows, x, mask=row_ok)
+    else:
+        tl.store(ptr + 2 * Tq + rows, x, mask=row_ok)
 
 
 @triton.jit
 def hybrid_attention_bwd_preprocess_kernel(
-    DO, OG, OC, OM, DI, Tq,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    Q, K, V, MK, MV, OUT, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DW,
+    H, G, Tq, Tk, S, chunk_size, start_pos, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
+    ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """DI[b, h, p, i] = sum_d dO[b, h, i, d] * O_p[b, h, i, d] for each path p that is on."""
-    bh = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < Tq
-    q_off = bh * Tq * HEAD_DIM
-    di_ptr = DI + bh * 3 * Tq
-    do = _load_rows(DO + q_off, rows, row_ok, HEAD_DIM).to(tl.float32)
-    if USE_GLOBAL:
-        _row_dot(di_ptr, OG + q_off, do, rows, row_ok, HEAD_DIM)
-    if HAS_CHUNK:
-        _row_dot(di_ptr + Tq, OC + q_off, do, rows, row_ok, HEAD_DIM)
-    if HAS_MEM:
-        _row_dot(di_ptr + 2 * Tq, OM + q_off, do, rows, row_ok, HEAD_DIM)
+    """One program per (query block, b * H + h): DI of every path that is on, and DW of every
+    path but the derived one (see the module docstring). The memory path (S slots) and, with the
+    global path on, the chunk path (the keys of the rows' chunks) are recomputed; the derived
+    path's DI is rowsum(dO * out) minus the others'."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    b, h, bg, m0, rows, row_ok, q_off, stats_off = _query_program(H, G, Tq, HEAD_DIM, BLOCK_M)
+    off = Tk - Tq
+    lse_ptr = LSE + stats_off
+    di_ptr = DI + stats_off
+    dw_ptr = DW + stats_off
+    do = _load_rows(DO + q_off, rows, row_ok, HEAD_DIM)
+    o = _load_rows(OUT + q_off, rows, row_ok, HEAD_DIM)
+    di = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    zero = tl.zeros([BLOCK_M], dtype=tl.float32)
+    no_dq = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+    if HAS_MEM and (USE_GLOBAL or HAS_CHUNK):
+        q1, q2 = _load_rot(Q + q_off, rows, row_ok, rows, ROPE_STEP, HALF, HEAD_DIM, False)
+        lse = tl.load(lse_ptr + 2 * Tq + rows, mask=row_ok, other=0.0)
+        first = S - tl.load(MEMLEN + b)
+        _dq1, _dq2, r, _r = _bwd_q_loop(
+            no_dq, no_dq, zero, zero, q1, q2, do, rows, MK + bg * S * HEAD_DIM,
+            MV + bg * S * HEAD_DIM, ROPE_STEP, lse, zero, 0.0, lse, zero, 0.0,
+            off, S, first, 1, 0, qk_scale, (first // BLOCK_N) * BLOCK_N, S,
+            HALF, HEAD_DIM, BLOCK_N, True, False, True, True, False, False, DOT_PREC)
+        w = tl.load(W + h * 3 + 2)
+        tl.store(dw_ptr + 2 * Tq + rows, r, mask=row_ok)
+        tl.store(di_ptr + 2 * Tq + rows, w * r, mask=row_ok)
+        di -= w * r
+    if HAS_CHUNK and USE_GLOBAL:
+        q1, q2 = _load_rot(Q + q_off, rows, row_ok, start_pos + off + rows, ROPE_STEP, HALF,
+                           HEAD_DIM, ROPE)
+        lse = tl.load(lse_ptr + Tq + rows, mask=row_ok, other=0.0)
+        split, hi = _key_range(m0, Tq, off, chunk_size, True, BLOCK_M, BLOCK_N)
+        _dq1, _dq2, _r, r = _bwd_q_loop(
+            no_dq, no_dq, zero, zero, q1, q2, do, rows, K + bg * Tk * HEAD_DIM,
+            V + bg * Tk * HEAD_DIM, ROPE_STEP, lse, zero, 0.0, lse, zero, 0.0,
+            off, Tk, 0, chunk_size, start_pos, qk_scale, split, hi,
+            HALF, HEAD_DIM, BLOCK_N, False, True, True, False, ROPE, False, DOT_PREC)
+        w = tl.load(W + h * 3 + 1)
+        tl.store(dw_ptr + Tq + rows, r, mask=row_ok)
+        tl.store(di_ptr + Tq + rows, w * r, mask=row_ok)
+        di -= w * r
+    _store_derived(di_ptr, rows, row_ok, Tq, di, USE_GLOBAL, HAS_CHUNK)
 
 
 @triton.jit
-def _path_grad(pw, ds, s, dp, lse, di, w):
-    """Add path p's w_p * P_p to pw and its score gradient w_p * P_p * (dP - DI_p) to ds;
-    s is -inf where masked."""
-    p = tl.exp2(s - lse[:, None]) * w
-    return pw + p, ds + p * (dp - di[:, None])
+def hybrid_attention_bwd_dq_kernel(
+    Q, K, V, MK, MV, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DW, DQ,
+    H, G, Tq, Tk, S, chunk_size, start_pos, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
+    ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One program per (query block, b * H + h): dq of all three paths (no atomics), and the
+    derived path's DW."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    b, h, bg, m0, rows, row_ok, q_off, stats_off = _query_program(H, G, Tq, HEAD_DIM, BLOCK_M)
+    off = Tk - Tq
+    lse_ptr = LSE + stats_off
+    di_ptr = DI + stats_off
+    do = _load_rows(DO + q_off, rows, row_ok, HEAD_DIM)
+    dq1 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+    dq2 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+    r_g = tl.zeros([BLOCK_M], dtype=tl.float32)
+    r_c = tl.zeros([BLOCK_M], dtype=tl.float32)
+    r_m = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    q1, q2 = _load_rot(Q + q_off, rows, row_ok, start_pos + off + rows, ROPE_STEP, HALF, HEAD_DIM,
+                       ROPE)
+    lse_g = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    di_g = tl.load(di_ptr + rows, mask=row_ok, other=0.0)
+    lse_c = tl.load(lse_ptr + Tq + rows, mask=row_ok, other=0.0)
+    di_c = tl.load(di_ptr + Tq + rows, mask=row_ok, other=0.0)
+    w_g = tl.load(W + h * 3)
+    w_c = tl.load(W + h * 3 + 1)
+    k_ptr = K + bg * Tk * HEAD_DIM
+    v_ptr = V + bg * Tk * HEAD_DIM
+    split, hi = _key_range(m0, Tq, off, chunk_size, HAS_CHUNK, BLOCK_M, BLOCK_N)
+    if USE_GLOBAL:  # same tile split as the forward
+        dq1, dq2, r_g, r_c = _bwd_q_loop(
+            dq1, dq2, r_g, r_c, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
+            lse_g, di_g, w_g, lse_c, di_c, w_c, off, Tk, 0, chunk_size, start_pos, qk_scale,
+            0, split, HALF, HEAD_DIM, BLOCK_N, True, False, False, False, ROPE, True, DOT_PREC)
+    if USE_GLOBAL or HAS_CHUNK:
+        dq1, dq2, r_g, r_c = _bwd_q_loop(
+            dq1, dq2, r_g, r_c, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
+            lse_g, di_g, w_g, lse_c, di_c, w_c, off, Tk, 0, chunk_size, start_pos, qk_scale,
+            split, hi, HALF, HEAD_DIM, BLOCK_N, USE_GLOBAL, HAS_CHUNK, True, False, ROPE, True,
+            DOT_PREC)
+    if ROPE:
+        dq1, dq2 = _rope(dq1, dq2, start_pos + off + rows, ROPE_STEP, HALF, -1)
+
+    if HAS_MEM:
+        q1, q2 = _load_rot(Q + q_off, rows, row_ok, rows, ROPE_STEP, HALF, HEAD_DIM, False)
+        lse_m = tl.load(lse_ptr + 2 * Tq + rows, mask=row_ok, other=0.0)
+        di_m = tl.load(di_ptr + 2 * Tq + rows, mask=row_ok, other=0.0)
+        w_m = tl.load(W + h * 3 + 2)
+        first = S - tl.load(MEMLEN + b)
+        dq1, dq2, r_m, _r = _bwd_q_loop(
+            dq1, dq2, r_m, r_m, q1, q2, do, rows, MK + bg * S * HEAD_DIM, MV + bg * S * HEAD_DIM,
+            ROPE_STEP, lse_m, di_m, w_m, lse_m, di_m, w_m, off, S, first, 1, 0, qk_scale,
+            (first // BLOCK_N) * BLOCK_N, S, HALF, HEAD_DIM, BLOCK_N, True, False, True, True,
+            False, True, DOT_PREC)
+    _store_halves(DQ + q_off, rows, row_ok, dq1 * scale, dq2 * scale, HALF, HEAD_DIM)
+    if USE_GLOBAL:
+        r = r_g
+    elif HAS_CHUNK:
+        r = r_c
+    else:
+        r = r_m
+    _store_derived(DW + stats_off, rows, row_ok, Tq, r, USE_GLOBAL, HAS_CHUNK)
 
 
 @triton.jit
@@ -356,26 +530,16 @@ def _bwd_kv_loop(dk1, dk2, dv, k1, k2, v, cols, q_ptr, do_ptr, lse_ptr, di_ptr, 
                  ROPE: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate the key block's (rotated) dk halves and dv over query blocks [lo, hi) of one
     query head; states 1/2 are the paths P1/P2 (rows of LSE/DI)."""
-    BLOCK_N: tl.constexpr = v.shape[0]
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < Tq
         q1, q2 = _load_rot(q_ptr, rows, row_ok, start_pos + off + rows, ROPE_STEP, HALF, HEAD_DIM,
                            ROPE)
         do = _load_rows(do_ptr, rows, row_ok, HEAD_DIM)
-        s = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, chunk_size, MEM, MASKED, DO_2)
-        pw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        ds = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if DO_1:
-            lse = tl.load(lse_ptr + P1 * Tq + rows, mask=row_ok, other=0.0)
-            di = tl.load(di_ptr + P1 * Tq + rows, mask=row_ok, other=0.0)
-            pw, ds = _path_grad(pw, ds, s1, dp, lse, di, w1)
-        if DO_2:
-            lse = tl.load(lse_ptr + P2 * Tq + rows, mask=row_ok, other=0.0)
-            di = tl.load(di_ptr + P2 * Tq + rows, mask=row_ok, other=0.0)
-            pw, ds = _path_grad(pw, ds, s2, dp, lse, di, w2)
+        pw, ds, _r1, _r2 = _tile_grads(
+            q1, q2, k1, k2, do, v, rows, cols, row_ok, lse_ptr + P1 * Tq + rows,
+            di_ptr + P1 * Tq + rows, w1, lse_ptr + P2 * Tq + rows, di_ptr + P2 * Tq + rows, w2,
+            off, n_keys, first_key, chunk_size, qk_scale, DO_1, DO_2, MASKED, MEM, True, DOT_PREC)
         dv = tl.dot(tl.trans(pw.to(do.dtype)), do, dv, input_precision=DOT_PREC)
         ds_t = tl.trans(ds.to(q1.dtype))
         dk1 = tl.dot(ds_t, q1, dk1, input_precision=DOT_PREC)
@@ -467,90 +631,3 @@ def hybrid_attention_bwd_dmem_kernel(
             HALF, HEAD_DIM, BLOCK_M, True, False, True, True, False, DOT_PREC)
     _store_halves(DMK + kv_off, cols, col_ok, dk1 * scale, dk2 * scale, HALF, HEAD_DIM)
     _store_rows(DMV + kv_off, cols, col_ok, dv, HEAD_DIM)
-
-
-@triton.jit
-def _bwd_q_loop(dq1, dq2, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
-                lse1, di1, w1, lse2, di2, w2,
-                off, n_keys, first_key, chunk_size, start_pos, qk_scale, lo, hi,
-                HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
-                ROPE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Accumulate the query block's dq halves (w.r.t. the q used in the scores) over key blocks
-    [lo, hi); states 1/2 as in _fwd_loop."""
-    BLOCK_M: tl.constexpr = do.shape[0]
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_keys
-        k1, k2 = _load_rot(k_ptr, cols, col_ok, start_pos + cols, ROPE_STEP, HALF, HEAD_DIM, ROPE)
-        v = _load_rows(v_ptr, cols, col_ok, HEAD_DIM)
-        s = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, chunk_size, MEM, MASKED, DO_2)
-        pw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        ds = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if DO_1:
-            pw, ds = _path_grad(pw, ds, s1, dp, lse1, di1, w1)
-        if DO_2:
-            pw, ds = _path_grad(pw, ds, s2, dp, lse2, di2, w2)
-        ds = ds.to(k1.dtype)
-        dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)
-        dq2 = tl.dot(ds, k2, dq2, input_precision=DOT_PREC)
-    return dq1, dq2
-
-
-@triton.jit
-def hybrid_attention_bwd_dq_kernel(
-    Q, K, V, MK, MV, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DQ,
-    H, G, Tq, Tk, S, chunk_size, start_pos, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
-    ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """One program per (query block, b * H + h): dq of all three paths (no atomics)."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    b, h, bg, m0, rows, row_ok, q_off, stats_off = _query_program(H, G, Tq, HEAD_DIM, BLOCK_M)
-    off = Tk - Tq
-    lse_ptr = LSE + stats_off
-    di_ptr = DI + stats_off
-    do = _load_rows(DO + q_off, rows, row_ok, HEAD_DIM)
-    dq1 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
-    dq2 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
-
-    q1, q2 = _load_rot(Q + q_off, rows, row_ok, start_pos + off + rows, ROPE_STEP, HALF, HEAD_DIM,
-                       ROPE)
-    lse_g = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    di_g = tl.load(di_ptr + rows, mask=row_ok, other=0.0)
-    lse_c = tl.load(lse_ptr + Tq + rows, mask=row_ok, other=0.0)
-    di_c = tl.load(di_ptr + Tq + rows, mask=row_ok, other=0.0)
-    w_g = tl.load(W + h * 3)
-    w_c = tl.load(W + h * 3 + 1)
-    k_ptr = K + bg * Tk * HEAD_DIM
-    v_ptr = V + bg * Tk * HEAD_DIM
-    split, hi = _key_range(m0, Tq, off, chunk_size, HAS_CHUNK, BLOCK_M, BLOCK_N)
-    if USE_GLOBAL:  # same tile split as the forward
-        dq1, dq2 = _bwd_q_loop(
-            dq1, dq2, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
-            lse_g, di_g, w_g, lse_c, di_c, w_c, off, Tk, 0, chunk_size, start_pos, qk_scale,
-            0, split, HALF, HEAD_DIM, BLOCK_N, True, False, False, False, ROPE, DOT_PREC)
-    if USE_GLOBAL or HAS_CHUNK:
-        dq1, dq2 = _bwd_q_loop(
-            dq1, dq2, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
-            lse_g, di_g, w_g, lse_c, di_c, w_c, off, Tk, 0, chunk_size, start_pos, qk_scale,
-            split, hi, HALF, HEAD_DIM, BLOCK_N, USE_GLOBAL, HAS_CHUNK, True, False, ROPE,
-            DOT_PREC)
-    if ROPE:
-        dq1, dq2 = _rope(dq1, dq2, start_pos + off + rows, ROPE_STEP, HALF, -1)
-
-    if HAS_MEM:
-        q1, q2 = _load_rot(Q + q_off, rows, row_ok, rows, ROPE_STEP, HALF, HEAD_DIM, False)
-        lse_m = tl.load(lse_ptr + 2 * Tq + rows, mask=row_ok, other=0.0)
-        di_m = tl.load(di_ptr + 2 * Tq + rows, mask=row_ok, other=0.0)
-        w_m = tl.load(W + h * 3 + 2)
-        first = S - tl.load(MEMLEN + b)
-        dq1, dq2 = _bwd_q_loop(
-            dq1, dq2, q1, q2, do, rows, MK + bg * S * HEAD_DIM, MV + bg * S * HEAD_DIM,
-            ROPE_STEP, lse_m, di_m, w_m, lse_m, di_m, w_m, off, S, first, 1, 0, qk_scale,
-            (first // BLOCK_N) * BLOCK_N, S, HALF, HEAD_DIM, BLOCK_N, True, False, True, True,
-            False, DOT_PREC)
-    _store_halves(DQ + q_off, rows, row_ok, dq1 * scale, dq2 * scale, HALF, HEAD_DIM)

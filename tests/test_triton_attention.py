@@ -186,7 +186,7 @@ def test_deterministic_and_strided_inputs():
 
 
 def test_no_grad_forward_matches():
-    """Without autograd the forward skips saving the path outputs; the result is the same."""
+    """Without autograd (nothing saved for a backward) the forward gives the same result."""
     args = make_inputs(torch.float32, 1, 2, 1, 20, 20, 32, 4, (2,), 4, True)
     kwargs = dict(chunk_size=4, use_global=True, rope_base=None, start_pos=0, scale=0.3)
     with torch.no_grad():
@@ -210,6 +210,42 @@ def test_partial_requires_grad():
         grads[name] = torch.autograd.grad((out.double() * dout.double()).sum(), (leaves[0], leaves[4]))
     for got, ref in zip(grads["kernel"], grads["ref"]):
         assert (got.double() - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("paths", ["all", "chunk_mem", "mem_only", "global_only"])
+def test_weights_only_gradient(paths):
+    """Only the path weights require grad: dweights still needs the dq kernel (it sums the
+    derived path's rowsum(dO * O_p)); checked for each choice of derived path."""
+    glob, chunk, S = {"all": (True, 5, 6), "chunk_mem": (False, 5, 6), "mem_only": (False, None, 6),
+                      "global_only": (True, None, 0)}[paths]
+    args = make_inputs(torch.float32, 2, 2, 1, 21, 21, 32, S, (3, 6) if S else None, chunk, glob)
+    kwargs = dict(chunk_size=chunk, use_global=glob, rope_base=10000.0, start_pos=0, scale=0.2)
+    dout = torch.randn(2, 2, 21, 32).to(DEVICE)
+    grads = {}
+    for name, fn, extra in (("kernel", ta.hybrid_attention_triton, {}),
+                            ("ref", hybrid_attention_reference, dict(compute_dtype=torch.float64))):
+        leaves = list(args)
+        leaves[5] = args[5].clone().requires_grad_(True)
+        out = fn(*leaves, **kwargs, **extra)
+        grads[name], = torch.autograd.grad((out.double() * dout.double()).sum(), leaves[5])
+    assert (grads["kernel"].double() - grads["ref"]).abs().max().item() < 1e-4
+
+
+def test_saved_activations_are_per_row_statistics():
+    """SPEC §1: beyond inputs and output, the backward keeps O(B*H*Tq) memory: the only saved
+    tensor that is not an input or the output is the (B, H, 3, Tq) fp32 LSE."""
+    B, H, Tq = 1, 4, 37
+    args = make_inputs(torch.float16, B, H, 2, Tq, Tq, 32, 20, (13,), 7, True)
+    leaves = [a.detach().clone().requires_grad_(True) if i < 6 and a is not None else a
+              for i, a in enumerate(args)]
+    kwargs = dict(chunk_size=7, use_global=True, rope_base=10000.0, start_pos=0, scale=0.2)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ta.hybrid_attention_triton(*leaves, **kwargs)
+    known = {a.data_ptr() for a in leaves if a is not None} | {out.data_ptr()}
+    extra = [t for t in saved if t.data_ptr() not in known]
+    assert [tuple(t.shape) for t in extra] == [(B, H, 3, Tq)]
+    assert extra[0].dtype == torch.float32
 
 
 def test_vjp_without_autograd():
