@@ -1,15 +1,16 @@
-"""``torch.library`` registration of the hybrid attention op, for ``torch.compile``.
+"""``torch.library`` registration of the two public ops, for ``torch.compile``.
 
-Eager calls of :func:`chunkmem.hybrid_attention` run the chosen backend directly, with its own
-autograd. While ``torch.compile`` traces, the call goes through the custom op
-``torch.ops.chunkmem.hybrid_attention`` instead: the compiler sees one opaque node with a
-fake (meta) implementation for shapes, so a model using the op compiles with
+Eager calls of :func:`chunkmem.hybrid_attention` and :func:`chunkmem.gated_memory_update` run
+the chosen backend directly, with its own autograd. While ``torch.compile`` traces, the call goes
+through the custom op ``torch.ops.chunkmem.hybrid_attention`` or
+``torch.ops.chunkmem.gated_memory_update`` instead: the compiler sees one opaque node with a
+fake (meta) implementation for shapes, so a model using the ops compiles with
 ``fullgraph=True`` and no graph break, whatever the backend (Triton kernels or the PyTorch
 fallback).
 
-The op's backward is a second custom op that recomputes the forward and differentiates it
-(activation checkpointing of this one op): it keeps the compiled graph free of backend internals,
-at the cost of one extra forward of the attention in compiled training.
+Each op's backward is a second custom op (``..._backward``) that recomputes the forward and
+differentiates it (activation checkpointing of this one op): it keeps the compiled graph free of
+backend internals, at the cost of one extra forward of the op in compiled training.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from typing import Optional
 
 import torch
 
-from chunkmem.backends import attention_backend
+from chunkmem.backends import attention_backend, memory_update_backend
 
-__all__ = ["hybrid_attention_op"]
+__all__ = ["hybrid_attention_op", "gated_memory_update_op"]
 
 
 def _run(backend, q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global, rope_base,
@@ -104,3 +105,74 @@ def _backward(ctx, grad_out):
 
 
 hybrid_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- memory update
+def _run_memory_update(backend, memory, x, w_gate, b_gate, w_cand, b_cand, mem_len, chunk_size):
+    return memory_update_backend(backend)(memory, x, w_gate, b_gate, w_cand, b_cand,
+                                          chunk_size=chunk_size, mem_len=mem_len)
+
+
+@torch.library.custom_op("chunkmem::gated_memory_update", mutates_args=())
+def gated_memory_update_op(
+    memory: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor,
+    w_cand: torch.Tensor, b_cand: torch.Tensor, mem_len: torch.Tensor, chunk_size: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized arguments as in :mod:`chunkmem.reference` (memory (B, S, d), x (B, T, d),
+    w_* (d, d), b_* (d,), mem_len int (B,)); ``backend`` already resolved.
+
+    Returns (new_memory (B, S, d) in memory's dtype, new_mem_len int64 (B,)); new_mem_len is an
+    integer output, so not differentiable.
+    """
+    new_memory, new_mem_len = _run_memory_update(backend, memory, x, w_gate, b_gate, w_cand,
+                                                 b_cand, mem_len, chunk_size)
+    return new_memory.contiguous(), new_mem_len
+
+
+@gated_memory_update_op.register_fake
+def _(memory, x, w_gate, b_gate, w_cand, b_cand, mem_len, chunk_size, backend):
+    return memory.new_empty(memory.shape), mem_len.new_empty(mem_len.shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("chunkmem::gated_memory_update_backward", mutates_args=())
+def gated_memory_update_backward_op(
+    grad_new_memory: torch.Tensor, memory: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor,
+    b_gate: torch.Tensor, w_cand: torch.Tensor, b_cand: torch.Tensor, mem_len: torch.Tensor,
+    chunk_size: int, backend: str,
+) -> list[torch.Tensor]:
+    """Gradients (d memory, d x, d w_gate, d b_gate, d w_cand, d b_cand) for grad_new_memory
+    (B, S, d); differentiated like :func:`hybrid_attention_backward_op` (``torch.func.vjp``, or
+    the Triton kernels' autograd-free entry point)."""
+    primals = (memory, x, w_gate, b_gate, w_cand, b_cand)
+    if backend == "triton":
+        from chunkmem.triton_memory import gated_memory_update_triton_vjp
+
+        grads = gated_memory_update_triton_vjp(grad_new_memory, *primals, chunk_size=chunk_size,
+                                               mem_len=mem_len)
+    else:
+        def forward(*tensors):
+            return _run_memory_update(backend, *tensors, mem_len, chunk_size)[0]
+
+        _, vjp = torch.func.vjp(forward, *primals)
+        grads = vjp(grad_new_memory)
+    return [g.clone(memory_format=torch.contiguous_format) for g in grads]
+
+
+@gated_memory_update_backward_op.register_fake
+def _(grad_new_memory, memory, x, w_gate, b_gate, w_cand, b_cand, mem_len, chunk_size, backend):
+    return [t.new_empty(t.shape) for t in (memory, x, w_gate, b_gate, w_cand, b_cand)]
+
+
+def _memory_update_setup_context(ctx, inputs, output):
+    ctx.args = inputs[7:]  # chunk_size, backend
+    ctx.save_for_backward(*inputs[:7])
+
+
+def _memory_update_backward(ctx, grad_new_memory, grad_new_mem_len):
+    grads = gated_memory_update_backward_op(grad_new_memory, *ctx.saved_tensors, *ctx.args)
+    return (*grads, None, None, None)
+
+
+gated_memory_update_op.register_autograd(_memory_update_backward,
+                                         setup_context=_memory_update_setup_context)

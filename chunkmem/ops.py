@@ -236,11 +236,14 @@ def gated_memory_update(
         x: (B, T, d), T >= 1: the states of the segment to write.
         w_gate, w_cand: (d, d); b_gate, b_cand: (d,).
         chunk_size: int >= 1, tokens averaged into one summary (n = ceil(T / chunk_size)).
-        mem_len: None (all S slots valid) or int tensor (B,) in [0, S].
+        mem_len: None (all S slots valid) or int tensor (B,) in [0, S]. (Under torch.compile the
+            range of its values is not checked, as for :func:`hybrid_attention`.)
         backend: "auto" | "triton" | "torch" | "reference".
 
     Returns:
         new_memory (B, S, d) in memory's dtype, new_mem_len (B,) int64 = min(S, mem_len + n).
+        Under torch.compile the call is one custom op, ``torch.ops.chunkmem.gated_memory_update``
+        (:mod:`chunkmem.library`), so it compiles with fullgraph=True on every backend.
     """
     named = {"memory": memory, "x": x, "w_gate": w_gate, "b_gate": b_gate, "w_cand": w_cand, "b_cand": b_cand}
     for name, t in named.items():
@@ -268,4 +271,8 @@ def gated_memory_update(
     args = (memory, x, w_gate, b_gate, w_cand, b_cand)
     kwargs = dict(chunk_size=chunk_size, mem_len=mem_len)
     name = _resolve_backend(backend, memory.device, triton_memory_module, args, kwargs)
+    if torch.compiler.is_compiling():
+        from chunkmem.library import gated_memory_update_op
+
+        return gated_memory_update_op(*args, mem_len, chunk_size, name)
     return memory_update_backend(name)(*args, **kwargs)

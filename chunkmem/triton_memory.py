@@ -7,6 +7,9 @@ Public (for :mod:`chunkmem.ops` and the compile check):
   w_gate/w_cand (d, d), b_gate/b_cand (d,), mem_len int tensor (B,) ->
   (new_memory (B, S, d) in memory.dtype, new_mem_len int64 (B,)). Differentiable in the six
   tensors; the backward is deterministic.
+- :func:`gated_memory_update_triton_vjp` — the six gradients for a given gradient of new_memory,
+  without autograd (recompute the forward, then the backward kernels), for the backward custom
+  op of :mod:`chunkmem.library`.
 - :func:`unsupported_reason` — None if the kernels take these arguments, else a string saying
   why (the caller then falls back to the torch backend).
 - :func:`compile_variants` — the kernel variants the launcher can pick, for ahead-of-time
@@ -33,7 +36,8 @@ import torch
 
 from chunkmem.triton_env import TRITON_DTYPE, interpreting
 
-__all__ = ["gated_memory_update_triton", "unsupported_reason", "compile_variants"]
+__all__ = ["gated_memory_update_triton", "gated_memory_update_triton_vjp", "unsupported_reason",
+           "compile_variants"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_D = 4096  # widest model dimension whose block choices were compile-checked
@@ -206,6 +210,12 @@ class _GatedMemoryUpdate(torch.autograd.Function):
         return (*grads, None, None)
 
 
+def _kernel_args(memory, x, w_gate, b_gate, w_cand, b_cand, mem_len):
+    """The six tensors contiguous, and mem_len as a contiguous int32 tensor (B,) on their device."""
+    args = [t.contiguous() for t in (memory, x, w_gate, b_gate, w_cand, b_cand)]
+    return args, mem_len.to(device=memory.device, dtype=torch.int32).contiguous()
+
+
 def gated_memory_update_triton(memory, x, w_gate, b_gate, w_cand, b_cand, *, chunk_size, mem_len):
     """Gated FIFO memory update (SPEC §2) with the Triton kernels.
 
@@ -221,13 +231,30 @@ def gated_memory_update_triton(memory, x, w_gate, b_gate, w_cand, b_cand, *, chu
     B, S, d = memory.shape
     n = -(-x.shape[1] // chunk_size)
     new_mem_len = torch.clamp(mem_len.to(device=memory.device, dtype=torch.int64) + n, max=S)
-    mem_len = mem_len.to(device=memory.device, dtype=torch.int32).contiguous()
-    args = [t.contiguous() for t in (memory, x, w_gate, b_gate, w_cand, b_cand)]
+    args, mem_len = _kernel_args(memory, x, w_gate, b_gate, w_cand, b_cand, mem_len)
     if torch.is_grad_enabled() and any(t.requires_grad for t in args):
         new_memory = _GatedMemoryUpdate.apply(*args, mem_len, chunk_size)
     else:
         new_memory, _ = _forward(*args, mem_len, chunk_size, store_ctx=False)
     return new_memory, new_mem_len
+
+
+def gated_memory_update_triton_vjp(grad_new_memory, memory, x, w_gate, b_gate, w_cand, b_cand, *,
+                                   chunk_size, mem_len):
+    """Gradients of gated_memory_update_triton without autograd: recompute the forward (saving
+    u, g, c, m), then run the backward kernels.
+
+    grad_new_memory: (B, S, d), the gradient of new_memory; the other arguments as for
+    :func:`gated_memory_update_triton`. Returns (d memory, d x, d w_gate, d b_gate, d w_cand,
+    d b_cand), shaped and typed like those inputs. For callers that cannot use autograd (a
+    torch.library backward op): torch.func transforms cannot run the kernels, whose tensors must
+    be plain.
+    """
+    args, mem_len = _kernel_args(memory, x, w_gate, b_gate, w_cand, b_cand, mem_len)
+    memory, x, w_gate, _, w_cand, _ = args
+    _, (u, g, c, m) = _forward(*args, mem_len, chunk_size, store_ctx=True)
+    return _backward(grad_new_memory, memory, w_gate, w_cand, mem_len, u, g, c, m, x.shape[1],
+                     chunk_size, (True,) * 6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,10 +63,23 @@ def _tanh(z):
 
 
 @triton.jit
-def _initial_state(mem_ptr, row, d, offs, mask, mem_len):
-    """m_{-1} in fp32: memory row ``row`` (the newest slot) if mem_len > 0, else zeros."""
-    m = tl.load(mem_ptr + row * d + offs, mask=mask, other=0.0).to(tl.float32)
-    return tl.where(mem_len > 0, m, 0.0)
+def _scan_program(mem_ptr, mem_len_ptr, S, n, d, BLOCK: tl.constexpr):
+    """What a program of either scan kernel (grid (B, cdiv(d, BLOCK))) knows of its row b.
+
+    Returns (mem_row0, u_row0, offs, mask, mem_len, new_len, m_init): b's first memory row b*S
+    and first summary row b*n (int64); its columns offs (BLOCK,) and their mask offs < d;
+    mem_len[b] and new_len = min(S, mem_len + n); and m_{-1} (BLOCK,) fp32: the newest slot
+    (memory row b*S + S - 1) if the row has a valid slot, else zeros.
+    """
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < d
+    mem_len = tl.load(mem_len_ptr + b).to(tl.int32)
+    new_len = tl.minimum(S, mem_len + n)
+    mem_row0 = b.to(tl.int64) * S
+    newest = tl.load(mem_ptr + (mem_row0 + S - 1) * d + offs, mask=mask, other=0.0)
+    m_init = tl.where(mem_len > 0, newest.to(tl.float32), 0.0)
+    return mem_row0, b.to(tl.int64) * n, offs, mask, mem_len, new_len, m_init
 
 
 @triton.jit
@@ -110,16 +123,11 @@ def gated_scan_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Projections + epilogue + recurrence + FIFO push for one (row b, column block) pair."""
-    b = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # m_prev = m_{-1}: the newest slot if the row has one, else zeros.
+    mem_row0, u_row0, offs_n, mask_n, mem_len, new_len, m_prev = _scan_program(
+        mem_ptr, mem_len_ptr, S, n, d, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_n = offs_n < d
-    mem_len = tl.load(mem_len_ptr + b).to(tl.int32)
-    new_len = tl.minimum(S, mem_len + n)
-    mem_row0 = b.to(tl.int64) * S
-    u_row0 = b.to(tl.int64) * n
     out_ty = out_ptr.dtype.element_ty
 
     # Old slots that survive the push move n places towards slot 0; slot i < S - new_len is empty.
@@ -132,8 +140,6 @@ def gated_scan_fwd_kernel(
         tl.store(out_ptr + (mem_row0 + i)[:, None] * d + offs_n[None, :], vals,
                  mask=keep[:, None] & mask_n[None, :])
 
-    # m_{-1}: the newest slot if the row has one, else zeros.
-    m_prev = _initial_state(mem_ptr, mem_row0 + S - 1, d, offs_n, mask_n, mem_len)
     bias_g = tl.load(bg_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     bias_c = tl.load(bc_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     w_off = offs_n[None, :] * d + offs_k[:, None]  # (BLOCK_K, BLOCK_N) view of W^T
@@ -188,16 +194,9 @@ def gated_scan_bwd_kernel(
     first, so this reverse recurrence is a forward associative scan over the tile, carried from
     tile to tile like the forward pass: n / BLOCK_J sequential steps instead of n.
     """
-    b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mem_row0, row0, offs_d, mask_d, mem_len, new_len, m_init = _scan_program(
+        mem_ptr, mem_len_ptr, S, n, d, BLOCK_D)
     offs_j = tl.arange(0, BLOCK_J)
-    mask_d = offs_d < d
-    mem_len = tl.load(mem_len_ptr + b).to(tl.int32)
-    new_len = tl.minimum(S, mem_len + n)
-    mem_row0 = b.to(tl.int64) * S
-    row0 = b.to(tl.int64) * n
-    m_init = _initial_state(mem_ptr, mem_row0 + S - 1, d, offs_d, mask_d, mem_len)
     q = tl.zeros((BLOCK_D,), dtype=tl.float32)  # carry: q_{j+1} of the tile's newest row j
     for jt in range(0, n, BLOCK_J):
         j = n - 1 - jt - offs_j  # descending rows; j < 0 pads the oldest tile

@@ -1,4 +1,6 @@
-"""torch.compile(fullgraph=True) through the chunkmem::hybrid_attention custom op (CPU, torch backend).
+"""torch.compile(fullgraph=True) through the chunkmem::hybrid_attention and
+chunkmem::gated_memory_update custom ops (CPU: torch backend, and the Triton kernels in the
+interpreter).
 
 Compiled and eager runs execute the same backend code, so outputs and gradients agree to float32
 rounding (atol=rtol=1e-5).
@@ -6,8 +8,10 @@ rounding (atol=rtol=1e-5).
 import torch
 
 import chunkmem
-from chunkmem.library import hybrid_attention_op
+from chunkmem.library import gated_memory_update_op, hybrid_attention_op
 from chunkmem.nn import HybridAttention
+
+MEMORY_UPDATE = torch.ops.chunkmem.gated_memory_update.default
 
 
 def test_custom_op_registration_passes_opcheck():
@@ -77,3 +81,72 @@ def test_compiled_op_with_triton_kernels_in_the_interpreter_matches_eager():
     g = torch.randn_like(out_eager)
     for a, b in zip(torch.autograd.grad(out_comp, inputs, g), torch.autograd.grad(out_eager, inputs, g)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def memory_update_inputs(B, S, T, d, mem_len, device="cpu", seed=0):
+    """memory (B, S, d) with zeros in the invalid slots, x (B, T, d), w_gate (d, d), b_gate (d,),
+    w_cand (d, d), b_cand (d,), all fp32 and requiring grad; mem_len int64 (B,)."""
+    gen = torch.Generator().manual_seed(seed)
+    mem_len = torch.tensor(mem_len)
+    valid = torch.arange(S)[None, :] >= (S - mem_len)[:, None]
+    memory = torch.randn(B, S, d, generator=gen) * valid[:, :, None]
+    shapes = [(B, T, d), (d, d), (d,), (d, d), (d,)]
+    tensors = [memory] + [torch.randn(s, generator=gen) for s in shapes]
+    return [t.to(device).requires_grad_() for t in tensors], mem_len.to(device)
+
+
+def test_memory_update_op_registration_passes_opcheck():
+    # mem_len with an empty row (m_{-1} = 0), a partial and a full one (int32 and int64); first
+    # n = 3 > S = 2, so states fall out of the FIFO as they are pushed, then n = 3 < S = 5.
+    tensors, mem_len = memory_update_inputs(3, 2, 10, 8, [0, 1, 2])
+    torch.library.opcheck(gated_memory_update_op, (*tensors, mem_len.int(), 4, "torch"))
+    torch.library.opcheck(gated_memory_update_op, (*tensors, mem_len, 4, "torch"))
+    tensors, mem_len = memory_update_inputs(2, 5, 7, 8, [0, 3])
+    torch.library.opcheck(gated_memory_update_op, (*tensors, mem_len, 3, "torch"))
+
+
+def check_compiled_memory_update(backend, device, B, S, T, d, chunk_size, mem_len):
+    """Compile a function that calls chunkmem.gated_memory_update with fullgraph=True: the
+    traced graph holds the custom op; new memory, new_mem_len and all six gradients match eager."""
+    tensors, mem_len = memory_update_inputs(B, S, T, d, mem_len, device=device)
+
+    def f(*tensors):
+        new_memory, new_len = chunkmem.gated_memory_update(
+            *tensors, chunk_size=chunk_size, mem_len=mem_len, backend=backend)
+        return new_memory * 2.0, new_len  # work around the op, for the compiler to fuse
+
+    graph_ops = []
+
+    def record(gm, example_inputs):
+        graph_ops.extend(node.target for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch.compile(f, backend=record, fullgraph=True)(*tensors)
+    assert MEMORY_UPDATE in graph_ops
+
+    out_eager, len_eager = f(*tensors)
+    out_comp, len_comp = torch.compile(f, fullgraph=True)(*tensors)
+    torch.testing.assert_close(out_comp, out_eager, atol=1e-5, rtol=1e-5)
+    assert len_comp.dtype == torch.int64 and torch.equal(len_comp, len_eager)
+    assert torch.equal(len_eager.cpu(), torch.clamp(mem_len.cpu() + -(-T // chunk_size), max=S))
+    g = torch.randn_like(out_eager)
+    grads_comp = torch.autograd.grad(out_comp, tensors, g)
+    grads_eager = torch.autograd.grad(out_eager, tensors, g)
+    for name, a, b in zip(("memory", "x", "w_gate", "b_gate", "w_cand", "b_cand"),
+                          grads_comp, grads_eager):
+        assert a.abs().sum() > 0, f"d {name} is all zeros"
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"d {name}: {m}")
+
+
+def test_compiled_memory_update_matches_eager():
+    """Torch backend on CPU; n = 4 > S = 3 and a row with an empty memory."""
+    check_compiled_memory_update("torch", "cpu", B=2, S=3, T=13, d=16, chunk_size=4, mem_len=[0, 2])
+
+
+def test_compiled_memory_update_with_triton_kernels_in_the_interpreter_matches_eager():
+    """The same registration with the Triton backend (interpreter on CPU; n = 4 > S = 3, a short
+    last chunk): the compiled backward runs gated_memory_update_triton_vjp (recompute + backward
+    kernels), eager the autograd Function that saved its context, so they agree to float32
+    rounding."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    check_compiled_memory_update("triton", dev, B=2, S=3, T=14, d=16, chunk_size=4, mem_len=[0, 2])
