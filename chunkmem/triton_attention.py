@@ -5,15 +5,15 @@ form of :mod:`chunkmem.ops` (q (B, H, Tq, D); k, v (B, G, Tk, D); mem_k, mem_v (
 None; weights (H, 3) fp32; mem_len (B,) int or None).
 
 Launches:
-- forward: one kernel, grid (cdiv(Tq, BLOCK_M), B*H). All three paths in one pass; the chunk
+- forward: one kernel, grid (cdiv(Tq, BLOCK_M), B, H). All three paths in one pass; the chunk
   path reuses the global path's QK^T tiles; RoPE in registers.
 - backward: four kernels, all deterministic (no atomics):
-  1. preprocess, grid (cdiv(Tq, BLOCK_M), B*H): the per-row statistics DI_p = w_p rowsum(dO * O_p)
+  1. preprocess, grid (cdiv(Tq, BLOCK_M), B, H): the per-row statistics DI_p = w_p rowsum(dO * O_p)
      of each path, from rowsum(dO * out) and a recomputation of the cheap paths (memory slots,
      chunk window), and DW_p = rowsum(dO * O_p) of those cheap paths;
-  2. dq, grid (cdiv(Tq, BLOCK_M), B*H), all paths, plus DW of the remaining ("derived") path;
-  3. dk/dv, grid (cdiv(Tk, BLOCK_N), B*G), looping over the H/G query heads of the group;
-  4. dmem_k/dmem_v, grid (cdiv(S, BLOCK_N), B*G), likewise.
+  2. dq, grid (cdiv(Tq, BLOCK_M), B, H), all paths, plus DW of the remaining ("derived") path;
+  3. dk/dv, grid (cdiv(Tk, BLOCK_N), B, G), looping over the H/G query heads of the group;
+  4. dmem_k/dmem_v, grid (cdiv(S, BLOCK_N), B, G), likewise.
   dweights[h, p] = sum_{b,i} DW[b, h, p, i] (a small torch reduction of the (B, H, 3, Tq) DW).
 
 Entry points: ``hybrid_attention_triton`` (autograd), ``hybrid_attention_triton_vjp`` (the
@@ -25,7 +25,7 @@ configurations, shared by the launches and ``python -m chunkmem.compile_check``)
 Precision: softmax statistics and accumulators in fp32; fp16/bf16 tiles feed the tensor cores,
 fp32 inputs use exact fp32 dots. RoPE angles are exact fixed-point (see the kernels' ``_rope``).
 Unsupported (-> torch backend): head dims other than 32/64/128/256, the fp32 backward at
-D >= 128 on a GPU (no spill-free configuration), bf16 in the interpreter, pre-sm_80 GPUs.
+D = 256 on a GPU (no spill-free configuration), bf16 in the interpreter, pre-sm_80 GPUs.
 
 Activation memory saved for the backward, beyond the inputs and the output: LSE (B, H, 3, Tq)
 fp32 (log2 units), 12 bytes per query row and head, O(B*H*Tq) as SPEC §1 asks. The per-path
@@ -63,22 +63,28 @@ BACKWARD_KINDS = KERNEL_KINDS[1:]
 # sm_86/sm_89): `python -m chunkmem.compile_check`. Found by compiling candidates, not by timing
 # (no GPU was available): the fused RoPE and the two online-softmax states cost registers, so
 # the tiles are smaller than a plain flash kernel's.
-# fp32 uses exact ("ieee") dots, which run on FMA units: only 16 x 16 tiles fit, and the fp32
-# backward at D >= 128 spills at every size tried -> unsupported (see unsupported_reason).
+# fp32 uses exact ("ieee") dots, which run on FMA units: only 16 x 16 and 32 x 16 tiles fit.
+# The registers ptxas allocates for them jump erratically with the configuration (a neighbour
+# of a spill-free entry often spills), so each entry was picked from a sweep: at D = 128,
+# bwd_dkdv spills on sm_80 or sm_90 at every 16 x 16 configuration tried (2-16 warps, 1-2
+# stages) but fits at 32 x 16. At D = 256 the fp32 dq kernel spills at every configuration
+# tried (16 x 16 and 16/32 x 32, 4-16 warps, 1-3 stages; at best 8 bytes on sm_90), so the
+# fp32 backward at D = 256 has no entries and goes to the torch backend (unsupported_reason).
 _GPU_CONFIGS = {
     ("fwd", 2): {32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
     ("bwd_dq", 2): {32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
     ("bwd_dkdv", 2): {32: (32, 32, 4, 2), 64: (32, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
     ("fwd", 4): {32: (16, 16, 4, 1), 64: (16, 16, 8, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
-    ("bwd_dq", 4): {32: (16, 16, 4, 1), 64: (16, 16, 4, 2)},
-    ("bwd_dkdv", 4): {32: (16, 16, 4, 2), 64: (16, 16, 8, 1)},
-    ("bwd_dmem", 4): {32: (16, 16, 2, 1), 64: (16, 16, 2, 1)},
+    ("bwd_dq", 4): {32: (16, 16, 4, 1), 64: (16, 16, 4, 2), 128: (16, 16, 8, 2)},
+    ("bwd_dkdv", 4): {32: (16, 16, 4, 2), 64: (16, 16, 8, 1), 128: (32, 16, 8, 1)},
+    ("bwd_dmem", 4): {32: (16, 16, 2, 1), 64: (16, 16, 2, 1), 128: (16, 16, 8, 1)},
 }
 _GPU_CONFIGS[("bwd_dmem", 2)] = _GPU_CONFIGS[("bwd_dkdv", 2)]
 # The preprocess kernel runs the dq kernel's loop without the dq dots: the same tiles, except
-# fp32 at D = 64, where the dq kernel's (16, 16, 4, 2) spills 8 bytes on sm_80.
+# fp32 at D = 64 and 128: the dq kernel's configurations spill there (8 bytes on sm_80, resp.
+# sm_90).
 _GPU_CONFIGS[("bwd_preprocess", 2)] = _GPU_CONFIGS[("bwd_dq", 2)]
-_GPU_CONFIGS[("bwd_preprocess", 4)] = {32: (16, 16, 4, 1), 64: (16, 16, 8, 2)}
+_GPU_CONFIGS[("bwd_preprocess", 4)] = {32: (16, 16, 4, 1), 64: (16, 16, 8, 2), 128: (32, 16, 8, 1)}
 
 
 def has_gpu_config(kind: str, dtype: torch.dtype, head_dim: int) -> bool:
@@ -118,10 +124,9 @@ def unsupported_reason(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, u
             return "the kernels need an sm_80 or newer GPU"
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, mem_k, mem_v, weights))
-        if needs_grad and not all(has_gpu_config(kind, q.dtype, D)
-                                  for kind in BACKWARD_KINDS):
+        if needs_grad and not all(has_gpu_config(kind, q.dtype, D) for kind in BACKWARD_KINDS):
             return (f"no spill-free backward kernel configuration for {q.dtype} at head dim {D} "
-                    "(fp32 backward needs D <= 64)")
+                    "(fp32 backward needs D <= 128)")
     elif q.device.type == "cpu":
         if not interpreting():
             return "CPU tensors need TRITON_INTERPRET=1"
@@ -131,8 +136,8 @@ def unsupported_reason(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, u
         return f"device {q.device.type} is not supported"
     if max(q.shape[2], k.shape[2], mem_k.shape[2] if mem_k is not None else 0) * D >= 2 ** 31:
         return "sequence too long for 32-bit in-head offsets (T * D >= 2**31)"
-    if q.shape[0] * q.shape[1] > 65535:
-        return "B * H > 65535 exceeds the CUDA grid's second axis"
+    if max(q.shape[0], q.shape[1]) > 65535:
+        return "B or H > 65535 exceeds the CUDA grid's second or third axis"
     if not (-2 ** 31 <= int(start_pos) and int(start_pos) + k.shape[2] < 2 ** 31):
         return "positions start_pos .. start_pos + Tk must fit in int32"
     return None
@@ -193,7 +198,7 @@ def _forward_impl(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_globa
     lse = torch.empty(B, H, 3, Tq, dtype=torch.float32, device=q.device)
     cfg = block_config("fwd", q.dtype, D)
     if out.numel() > 0:
-        hybrid_attention_fwd_kernel[(triton_cdiv(Tq, cfg["BLOCK_M"]), B * H)](
+        hybrid_attention_fwd_kernel[(triton_cdiv(Tq, cfg["BLOCK_M"]), B, H)](
             q, k, v, mem_k, mem_v, w, mem_len, _rope_step(D, rope_base, q.device), out, lse,
             H, G, Tq, Tk, S, _chunk(chunk_size, Tk), int(start_pos),
             float(scale) * math.log2(math.e),
@@ -277,7 +282,7 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, m, n
     dw_rows = torch.zeros(B, H, 3, Tq, dtype=torch.float32, device=q.device)
     if run:
         cfg = block_config("bwd_preprocess", q.dtype, D)
-        hybrid_attention_bwd_preprocess_kernel[(triton_cdiv(Tq, cfg["BLOCK_M"]), B * H)](
+        hybrid_attention_bwd_preprocess_kernel[(triton_cdiv(Tq, cfg["BLOCK_M"]), B, H)](
             q, k, v, mem_k, mem_v, out.contiguous(), dout, w, mem_len, rope_step, lse, di,
             dw_rows, H, G, Tq, Tk, S, m["C"], m["start_pos"], qk_scale,
             HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
@@ -285,7 +290,7 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, m, n
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if run_dq:
         cfg = block_config("bwd_dq", q.dtype, D)
-        hybrid_attention_bwd_dq_kernel[(triton_cdiv(Tq, cfg["BLOCK_M"]), B * H)](
+        hybrid_attention_bwd_dq_kernel[(triton_cdiv(Tq, cfg["BLOCK_M"]), B, H)](
             q, k, v, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, dw_rows, dq,
             H, G, Tq, Tk, S, m["C"], m["start_pos"], qk_scale, m["scale"],
             HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
@@ -293,7 +298,7 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, m, n
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if run_dkdv:
         cfg = block_config("bwd_dkdv", q.dtype, D)
-        hybrid_attention_bwd_dkdv_kernel[(triton_cdiv(Tk, cfg["BLOCK_N"]), B * G)](
+        hybrid_attention_bwd_dkdv_kernel[(triton_cdiv(Tk, cfg["BLOCK_N"]), B, G)](
             q, k, v, dout, w, rope_step, lse, di, dk, dv,
             H, G, Tq, Tk, m["C"], m["start_pos"], qk_scale, m["scale"],
             HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
@@ -301,7 +306,7 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, m, n
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if run_dmem:
         cfg = block_config("bwd_dmem", q.dtype, D)
-        hybrid_attention_bwd_dmem_kernel[(triton_cdiv(S, cfg["BLOCK_N"]), B * G)](
+        hybrid_attention_bwd_dmem_kernel[(triton_cdiv(S, cfg["BLOCK_N"]), B, G)](
             q, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, dmk, dmv,
             H, G, Tq, S, qk_scale, m["scale"],
             HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DOT_PREC=prec,
@@ -365,8 +370,8 @@ def _signature(fn, dtype: str) -> dict:
 
 
 def compile_variants() -> list:
-    """Every kernel x dtype (fp32/fp16/bf16) x D (32/64/128/256) with its launch configuration
-    (except the fp32 backward at D >= 128, which has none).
+    """Every kernel x dtype (fp32/fp16/bf16) x D (32/64/128/256) that has a launch configuration
+    (all but the fp32 backward at D = 256) with that configuration.
 
     Each variant has all paths on and RoPE: the largest code of its kernel.
     Returns dicts with keys name, fn, signature, constexprs, num_warps, num_stages.

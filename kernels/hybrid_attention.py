@@ -235,13 +235,13 @@ def _finish_path(out, m_i, l_i, acc, w, lse_ptr, rows, row_ok):
 
 @triton.jit
 def _query_program(H, G, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Indices of a (query block, b * H + h) program: batch b, head h, its kv row bg = b * G + g,
+    """Indices of a (query block, b, h) program: batch b, head h, its kv row bg = b * G + g,
     the block's first row m0, its rows (BLOCK_M,) and their mask, the offset of this head's
     (Tq, D) rows and of its (3, Tq) per-path statistics."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    bh = b * H + h
     bg = (b * G + h // (H // G)).to(tl.int64)
     m0 = pid_m * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -522,6 +522,15 @@ def hybrid_attention_bwd_dq_kernel(
 
 
 @triton.jit
+def _kv_program(G, BLOCK_N: tl.constexpr):
+    """Indices of a (key block, b, g) program: the block's first key n0, batch b, kv head g and
+    the kv row bg = b * G + g (int64)."""
+    b = tl.program_id(1)
+    g = tl.program_id(2)
+    return tl.program_id(0) * BLOCK_N, b, g, (b * G + g).to(tl.int64)
+
+
+@triton.jit
 def _bwd_kv_loop(dk1, dk2, dv, k1, k2, v, cols, q_ptr, do_ptr, lse_ptr, di_ptr, w1, w2,
                  ROPE_STEP, Tq, off, n_keys, first_key, chunk_size, start_pos, qk_scale, lo, hi,
                  P1: tl.constexpr, P2: tl.constexpr,
@@ -555,17 +564,15 @@ def hybrid_attention_bwd_dkdv_kernel(
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, ROPE: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """One program per (key block, b * G + g): dk, dv of the global and chunk paths, summed over
+    """One program per (key block, b, g): dk, dv of the global and chunk paths, summed over
     the H/G query heads of the group in a fixed order (deterministic, no atomics)."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    n0 = tl.program_id(0) * BLOCK_N
-    bg = tl.program_id(1)
-    b = bg // G
+    n0, b, g, bg = _kv_program(G, BLOCK_N)
     rep = H // G
     off = Tk - Tq
     cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < Tk
-    kv_off = bg.to(tl.int64) * Tk * HEAD_DIM
+    kv_off = bg * Tk * HEAD_DIM
     k1, k2 = _load_rot(K + kv_off, cols, col_ok, start_pos + cols, ROPE_STEP, HALF, HEAD_DIM, ROPE)
     v = _load_rows(V + kv_off, cols, col_ok, HEAD_DIM)
     dk1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
@@ -573,7 +580,7 @@ def hybrid_attention_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     lo, split = _query_range(n0, Tq, Tk, off, chunk_size, HAS_CHUNK, BLOCK_M, BLOCK_N)
     for j in range(0, rep):
-        h = (bg % G) * rep + j
+        h = g * rep + j
         bh = (b * H + h).to(tl.int64)
         q_ptr = Q + bh * Tq * HEAD_DIM
         do_ptr = DO + bh * Tq * HEAD_DIM
@@ -603,17 +610,15 @@ def hybrid_attention_bwd_dmem_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """One program per (slot block, b * G + g): dmem_k, dmem_v over all queries of the group's
+    """One program per (slot block, b, g): dmem_k, dmem_v over all queries of the group's
     heads (every query sees every valid slot). Blocks of invalid slots get zeros."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    n0 = tl.program_id(0) * BLOCK_N
-    bg = tl.program_id(1)
-    b = bg // G
+    n0, b, g, bg = _kv_program(G, BLOCK_N)
     rep = H // G
     first = S - tl.load(MEMLEN + b)
     cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < S
-    kv_off = bg.to(tl.int64) * S * HEAD_DIM
+    kv_off = bg * S * HEAD_DIM
     k1, k2 = _load_rot(MK + kv_off, cols, col_ok, cols, ROPE_STEP, HALF, HEAD_DIM, False)
     v = _load_rows(MV + kv_off, cols, col_ok, HEAD_DIM)
     dk1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
@@ -621,7 +626,7 @@ def hybrid_attention_bwd_dmem_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     hi = tl.where(n0 + BLOCK_N > first, Tq, 0)
     for j in range(0, rep):
-        h = (bg % G) * rep + j
+        h = g * rep + j
         bh = (b * H + h).to(tl.int64)
         w_m = tl.load(W + h * 3 + 2)
         dk1, dk2, dv = _bwd_kv_loop(

@@ -73,12 +73,12 @@ def check_case(dtype, B, H, G, Tq, Tk, D, S=0, mem_len=None, chunk_size=None, us
                   start_pos=start_pos, scale=1.0 / math.sqrt(D))
     assert ta.unsupported_reason(*args, **kwargs) is None
     dout = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
-    # On a GPU, fp32 at D >= 128 has a forward kernel but no spill-free backward: calls that need
+    # On a GPU, fp32 at D = 256 has a forward kernel but no spill-free backward: calls that need
     # gradients are routed to the torch backend (asserted here), so only the forward is compared.
-    has_backward = DEVICE == "cpu" or all(
-        ta.has_gpu_config(kind, dtype, D) for kind in ("bwd_dq", "bwd_dkdv", "bwd_dmem"))
-    if not has_backward:
-        leaves = [a.detach().requires_grad_(True) if i < 6 and a is not None else a for i, a in enumerate(args)]
+    leaves = [a.detach().requires_grad_(True) if i < 6 and a is not None else a for i, a in enumerate(args)]
+    if DEVICE == "cpu" or all(ta.has_gpu_config(kind, dtype, D) for kind in ta.BACKWARD_KINDS):
+        assert ta.unsupported_reason(*leaves, **kwargs) is None
+    else:
         assert "backward" in ta.unsupported_reason(*leaves, **kwargs)
         dout = None
     out, grads = run(ta.hybrid_attention_triton, args, kwargs, dout)
@@ -143,25 +143,26 @@ def test_rectangular_blocks(monkeypatch, blocks):
     check_case(F16, 1, 2, 2, 40, 40, 32, 0, None, 20, False, 10000.0, 0)
 
 
-@pytest.mark.parametrize("D", [32, 64])
-def test_gpu_block_configs(monkeypatch, D):
-    """The fp16 GPU launch configurations (BLOCK_M 64 / BLOCK_N 32 and 32 / 32) in the interpreter."""
+@pytest.mark.parametrize("dtype, D, T", [(F16, 32, 70), (F16, 64, 70), (F32, 128, 40)])
+def test_gpu_block_configs(monkeypatch, dtype, D, T):
+    """GPU launch configurations in the interpreter: fp16 (BLOCK_M 64 / BLOCK_N 32 and 32 / 32)
+    and fp32 at D = 128 (32 / 16 for the preprocess and dk/dv kernels, 16 / 16 otherwise)."""
     real = ta.block_config
-    monkeypatch.setattr(ta, "block_config", lambda kind, dtype, d, interpret=None: real(
-        kind, dtype, d, interpret=False))
-    check_case(F16, 1, 2, 1, 70, 75, D, 40, (33,), 24, True, 10000.0, 0)
+    monkeypatch.setattr(ta, "block_config", lambda kind, dt, d, interpret=None: real(
+        kind, dt, d, interpret=False))
+    check_case(dtype, 1, 2, 1, T, T + 5, D, 40, (33,), 24, True, 10000.0, 0)
 
 
 def test_gpu_config_tables():
-    """Every spill-free GPU configuration is a compile variant; fp32 backward stops at D = 64."""
+    """Every spill-free GPU configuration is a compile variant; every kernel has one for every
+    dtype and D except the fp32 backward at D = 256."""
     names = {v["name"] for v in ta.compile_variants()}
     for kind in ta.KERNEL_KINDS:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for D in ta.SUPPORTED_HEAD_DIMS:
                 listed = any(n.startswith(f"attn_{kind}_{TRITON_DTYPE[dtype]}_d{D}_") for n in names)
-                assert listed == ta.has_gpu_config(kind, dtype, D), (kind, dtype, D)
-    assert not ta.has_gpu_config("bwd_dq", torch.float32, 128)
-    assert ta.has_gpu_config("fwd", torch.float32, 256)
+                expected = not (kind in ta.BACKWARD_KINDS and dtype == torch.float32 and D == 256)
+                assert listed == ta.has_gpu_config(kind, dtype, D) == expected, (kind, dtype, D)
     for v in ta.compile_variants():
         assert list(v["signature"]) == [n for n, _ in ta._kernel_args(v["fn"])]
         assert all(v["signature"][k] == "constexpr" for k in v["constexprs"])
@@ -271,3 +272,9 @@ def test_unsupported_reason():
     if DEVICE == "cpu":
         bf16 = [a.bfloat16() if i < 5 and a is not None else a for i, a in enumerate(ok)]
         assert "interpreter" in ta.unsupported_reason(*bf16, **kwargs)
+    # The grid is (blocks, B, H): B * H may exceed 65535 (the limit of one CUDA grid axis);
+    # B or H alone may not.
+    many = make_inputs(torch.float32, 700, 100, 100, 1, 1, 32, 0, None, 4, True)
+    assert ta.unsupported_reason(*many, **kwargs) is None
+    too_many = make_inputs(torch.float32, 65536, 1, 1, 1, 1, 32, 0, None, 4, True)
+    assert "65535" in ta.unsupported_reason(*too_many, **kwargs)
