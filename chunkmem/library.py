@@ -8,9 +8,12 @@ fake (meta) implementation for shapes, so a model using the ops compiles with
 ``fullgraph=True`` and no graph break, whatever the backend (Triton kernels or the PyTorch
 fallback).
 
-Each op's backward is a second custom op (``..._backward``) that recomputes the forward and
-differentiates it (activation checkpointing of this one op): it keeps the compiled graph free of
-backend internals, at the cost of one extra forward of the op in compiled training.
+Each op's backward is a second custom op (``..._backward``), which keeps the compiled graph free
+of backend internals. With the Triton attention kernels, the forward op also returns the
+kernels' per-path log-sum-exp (B, H, 3, Tq), which autograd saves with the output, so the
+backward op runs the backward kernels alone, as in eager mode. Every other case recomputes the
+forward in the backward op and differentiates it (activation checkpointing of this one op: one
+extra forward in compiled training).
 """
 from __future__ import annotations
 
@@ -37,36 +40,51 @@ def hybrid_attention_op(
     mem_v: Optional[torch.Tensor], weights: torch.Tensor, mem_len: Optional[torch.Tensor],
     chunk_size: Optional[int], use_global: bool, rope_base: Optional[float], start_pos: int,
     scale: float, backend: str,
-) -> torch.Tensor:
-    """Normalized arguments as in :mod:`chunkmem.reference`; ``backend`` already resolved."""
-    return _run(backend, q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global, rope_base,
-                start_pos, scale).contiguous()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized arguments as in :mod:`chunkmem.reference`; ``backend`` already resolved.
+
+    Returns (out (B, H, Tq, D), lse): lse is the Triton kernels' per-path log-sum-exp
+    (B, H, 3, Tq) fp32 for ``backend="triton"``, an empty tensor for the other backends.
+    """
+    if backend == "triton":
+        from chunkmem.triton_attention import hybrid_attention_triton_forward
+
+        return hybrid_attention_triton_forward(
+            q, k, v, mem_k, mem_v, weights, mem_len, chunk_size=chunk_size,
+            use_global=use_global, rope_base=rope_base, start_pos=start_pos, scale=scale)
+    out = _run(backend, q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global,
+               rope_base, start_pos, scale)
+    return out.contiguous(), q.new_empty(0, dtype=torch.float32)
 
 
 @hybrid_attention_op.register_fake
 def _(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global, rope_base, start_pos, scale, backend):
-    return q.new_empty(q.shape)
+    B, H, Tq, _ = q.shape
+    lse_shape = (B, H, 3, Tq) if backend == "triton" else (0,)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("chunkmem::hybrid_attention_backward", mutates_args=())
 def hybrid_attention_backward_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mem_k: Optional[torch.Tensor], mem_v: Optional[torch.Tensor], weights: torch.Tensor,
-    mem_len: Optional[torch.Tensor], chunk_size: Optional[int], use_global: bool,
-    rope_base: Optional[float], start_pos: int, scale: float, backend: str,
+    mem_len: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+    chunk_size: Optional[int], use_global: bool, rope_base: Optional[float], start_pos: int,
+    scale: float, backend: str,
 ) -> list[torch.Tensor]:
     """Gradients (dq, dk, dv, dmem_k, dmem_v, dweights); empty tensors stand for absent memory.
 
-    A custom op's body runs below the autograd dispatch key, so the backends are differentiated
-    with ``torch.func.vjp``, except the Triton kernels, which cannot run on functorch's wrapped
-    tensors and have their own autograd-free entry point.
+    out, lse: the forward op's outputs. The Triton kernels' backward starts from them; the other
+    backends recompute the forward and differentiate it with ``torch.func.vjp`` (a custom op's
+    body runs below the autograd dispatch key; the Triton kernels cannot run on functorch's
+    wrapped tensors, hence their autograd-free entry point).
     """
     has_mem = mem_k is not None
     if backend == "triton":
-        from chunkmem.triton_attention import hybrid_attention_triton_vjp
+        from chunkmem.triton_attention import hybrid_attention_triton_backward
 
-        dq, dk, dv, dmk, dmv, dw = hybrid_attention_triton_vjp(
-            grad_out, q, k, v, mem_k, mem_v, weights, mem_len, chunk_size=chunk_size,
+        dq, dk, dv, dmk, dmv, dw = hybrid_attention_triton_backward(
+            grad_out, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, chunk_size=chunk_size,
             use_global=use_global, rope_base=rope_base, start_pos=start_pos, scale=scale)
     else:
         def forward(q, k, v, weights, *mem):
@@ -84,22 +102,24 @@ def hybrid_attention_backward_op(
 
 
 @hybrid_attention_backward_op.register_fake
-def _(grad_out, q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global, rope_base, start_pos,
-      scale, backend):
+def _(grad_out, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, chunk_size, use_global,
+      rope_base, start_pos, scale, backend):
     like = [q, k, v, mem_k, mem_v, weights]
     return [q.new_empty(0) if t is None else t.new_empty(t.shape) for t in like]
 
 
 def _setup_context(ctx, inputs, output):
     ctx.args = inputs[7:]  # the non-tensor arguments; tensors go through save_for_backward
-    ctx.save_for_backward(*(t for t in inputs[:7] if t is not None))
+    ctx.save_for_backward(*(t for t in inputs[:7] if t is not None), *output)
     ctx.present = [t is not None for t in inputs[:7]]
 
 
-def _backward(ctx, grad_out):
+def _backward(ctx, grad_out, _grad_lse):
     saved = iter(ctx.saved_tensors)
     tensors = [next(saved) if present else None for present in ctx.present]
-    dq, dk, dv, dmk, dmv, dw = hybrid_attention_backward_op(grad_out, *tensors, *ctx.args)
+    out, lse = saved
+    dq, dk, dv, dmk, dmv, dw = hybrid_attention_backward_op(grad_out, *tensors, out, lse,
+                                                            *ctx.args)
     has_mem = ctx.present[3]
     return (dq, dk, dv, dmk if has_mem else None, dmv if has_mem else None, dw) + (None,) * 7
 

@@ -221,7 +221,7 @@ def hybrid_attention(
     if torch.compiler.is_compiling():
         from chunkmem.library import hybrid_attention_op
 
-        return hybrid_attention_op(*args, **kwargs, backend=name)
+        return hybrid_attention_op(*args, **kwargs, backend=name)[0]
     return attention_backend(name)(*args, **kwargs)
 
 

@@ -16,9 +16,9 @@ Launches:
   4. dmem_k/dmem_v, grid (cdiv(S, BLOCK_N), B, G), likewise.
   dweights[h, p] = sum_{b,i} DW[b, h, p, i] (a small torch reduction of the (B, H, 3, Tq) DW).
 
-Entry points: ``hybrid_attention_triton`` (autograd), ``hybrid_attention_triton_vjp`` (the
-gradients without autograd, for a torch.library backward op: torch.func transforms cannot run
-Triton kernels on their wrapped tensors), ``unsupported_reason`` (the caller falls back to the
+Entry points: ``hybrid_attention_triton`` (autograd); ``hybrid_attention_triton_forward`` and
+``hybrid_attention_triton_backward`` (the same two halves without autograd, for the torch.library
+ops, which save the forward's LSE themselves); ``unsupported_reason`` (the caller falls back to the
 torch backend when it returns a string), ``block_config`` / ``compile_variants`` (launch
 configurations, shared by the launches and ``python -m chunkmem.compile_check``).
 
@@ -44,7 +44,8 @@ from chunkmem.triton_env import TRITON_DTYPE, interpreting
 
 __all__ = [
     "hybrid_attention_triton",
-    "hybrid_attention_triton_vjp",
+    "hybrid_attention_triton_forward",
+    "hybrid_attention_triton_backward",
     "unsupported_reason",
     "block_config",
     "compile_variants",
@@ -404,17 +405,25 @@ def compile_variants() -> list:
     return variants
 
 
-def hybrid_attention_triton_vjp(dout, q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size,
-                                use_global, rope_base, start_pos, scale):
-    """Gradients of hybrid_attention_triton without autograd: recompute the forward (output and
-    path statistics), then run the backward kernels.
+def hybrid_attention_triton_forward(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size,
+                                    use_global, rope_base, start_pos, scale):
+    """The forward kernel without autograd -> (out (B, H, Tq, D), lse (B, H, 3, Tq) fp32).
+
+    For callers that keep the statistics themselves (the torch.library op): pass both to
+    :func:`hybrid_attention_triton_backward`.
+    """
+    return _forward_impl(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global,
+                         rope_base, start_pos, scale)
+
+
+def hybrid_attention_triton_backward(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, *,
+                                     chunk_size, use_global, rope_base, start_pos, scale):
+    """The backward kernels without autograd, from the forward's out and lse.
 
     dout: (B, H, Tq, D). Returns (dq, dk, dv, dmem_k, dmem_v, dweights), the memory gradients
     None without memory. For callers that cannot use autograd (a torch.library backward op):
     torch.func transforms cannot run the kernels, whose tensors must be plain.
     """
-    out, lse = _forward_impl(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global,
-                             rope_base, start_pos, scale)
     meta = _meta(k, mem_k, chunk_size, use_global, rope_base, start_pos, scale)
     has_mem = mem_k is not None
     need = (True, True, True, has_mem, has_mem, True)

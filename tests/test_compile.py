@@ -58,12 +58,19 @@ def test_compiled_op_call_matches_eager_for_decode_shape():
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v), atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_op_with_triton_kernels_in_the_interpreter_matches_eager():
+def test_compiled_op_with_triton_kernels_in_the_interpreter_matches_eager(monkeypatch):
     """The same registration with the Triton backend (interpreter on CPU): output and gradients.
 
-    Eager and compiled runs call the same kernels (the compiled backward recomputes the forward),
-    so they agree to float32 rounding.
+    Eager and compiled runs call the same kernels, so they agree to float32 rounding. The
+    compiled backward starts from the LSE that the forward op returned: it launches no forward
+    kernel (counted).
     """
+    from chunkmem import triton_attention
+
+    forward_launches = []
+    real_forward = triton_attention._forward_impl
+    monkeypatch.setattr(triton_attention, "_forward_impl",
+                        lambda *a: forward_launches.append(1) or real_forward(*a))
     torch.manual_seed(2)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = [(1, 2, 10, 32), (1, 1, 12, 32), (1, 1, 12, 32), (1, 1, 4, 32), (1, 1, 4, 32)]
@@ -79,8 +86,29 @@ def test_compiled_op_with_triton_kernels_in_the_interpreter_matches_eager():
     out_comp = torch.compile(f, fullgraph=True)(*inputs)
     torch.testing.assert_close(out_comp, out_eager, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(out_eager)
-    for a, b in zip(torch.autograd.grad(out_comp, inputs, g), torch.autograd.grad(out_eager, inputs, g)):
+    launches_before_backward = len(forward_launches)
+    grads_comp = torch.autograd.grad(out_comp, inputs, g)
+    assert len(forward_launches) == launches_before_backward
+    for a, b in zip(grads_comp, torch.autograd.grad(out_eager, inputs, g)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_custom_op_with_triton_backend_passes_opcheck():
+    """opcheck of the op with the Triton kernels (interpreter on CPU): its fake implementation
+    gives the (B, H, 3, Tq) LSE output, and its autograd registration is consistent."""
+    torch.manual_seed(3)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q = torch.randn(1, 2, 5, 32, device=dev, requires_grad=True)
+    k = torch.randn(1, 1, 7, 32, device=dev, requires_grad=True)
+    v = torch.randn(1, 1, 7, 32, device=dev, requires_grad=True)
+    mk = torch.randn(1, 1, 3, 32, device=dev, requires_grad=True)
+    mv = torch.randn(1, 1, 3, 32, device=dev, requires_grad=True)
+    w = torch.rand(2, 3, device=dev, requires_grad=True)
+    mem_len = torch.tensor([2], dtype=torch.int32, device=dev)
+    out, lse = hybrid_attention_op(q, k, v, mk, mv, w, mem_len, 4, True, 10000.0, 2, 0.2, "triton")
+    assert lse.shape == (1, 2, 3, 5)
+    torch.library.opcheck(hybrid_attention_op,
+                          (q, k, v, mk, mv, w, mem_len, 4, True, 10000.0, 2, 0.2, "triton"))
 
 
 def memory_update_inputs(B, S, T, d, mem_len, device="cpu", seed=0):

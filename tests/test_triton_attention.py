@@ -249,13 +249,17 @@ def test_saved_activations_are_per_row_statistics():
     assert extra[0].dtype == torch.float32
 
 
-def test_vjp_without_autograd():
-    """hybrid_attention_triton_vjp (for torch.library backward ops) gives the autograd gradients."""
+def test_forward_backward_without_autograd():
+    """hybrid_attention_triton_forward/_backward (for the torch.library ops) give the autograd
+    output and gradients, bitwise."""
     args = make_inputs(torch.float32, 1, 4, 2, 23, 23, 32, 5, (4,), 6, True)
     kwargs = dict(chunk_size=6, use_global=True, rope_base=10000.0, start_pos=2, scale=0.2)
     dout = torch.randn(1, 4, 23, 32).to(DEVICE)
-    grads = ta.hybrid_attention_triton_vjp(dout, *args, **kwargs)
-    _, expected = run(ta.hybrid_attention_triton, args, kwargs, dout)
+    out, lse = ta.hybrid_attention_triton_forward(*args, **kwargs)
+    assert lse.shape == (1, 4, 3, 23) and lse.dtype == torch.float32
+    grads = ta.hybrid_attention_triton_backward(dout, *args, out, lse, **kwargs)
+    expected_out, expected = run(ta.hybrid_attention_triton, args, kwargs, dout)
+    assert torch.equal(out, expected_out)
     for got, exp in zip(grads, expected):
         assert torch.equal(got, exp)
 
