@@ -8,6 +8,9 @@ of dicts with keys name, fn, signature, constexprs, num_warps, num_stages), comp
 STACK from ``cuobjdump -res-usage`` on the cubin) and shared memory (compiled metadata) per
 variant and target. Exits 1 on any compile error, any spill (STACK > 0) or shared memory above
 the target's per-block limit.
+
+Register allocation differs between Triton versions (each bundles its own ptxas): CI runs this
+check under the newest Triton and under Triton 3.6, the version of the GPU machine's image.
 """
 from __future__ import annotations
 
@@ -129,7 +132,10 @@ def main(argv=None) -> int:
               f"{r['stack'] if r['stack'] is not None else '-':>5} "
               f"{r['smem'] if r['smem'] is not None else '-':>8} {r['seconds']:>5.1f}  "
               f"{'; '.join(problems) or 'ok'}")
-    print(f"# {len(rows)} compiles, {failed} failed, {time.time() - t0:.0f} s")
+    import triton
+
+    print(f"# {len(rows)} compiles with triton {triton.__version__}, {failed} failed, "
+          f"{time.time() - t0:.0f} s")
     return 1 if failed else 0
 
 

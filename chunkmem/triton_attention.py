@@ -61,31 +61,29 @@ BACKWARD_KINDS = KERNEL_KINDS[1:]
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel kind, element size (2 or 4 bytes) and D.
 # BLOCK_M indexes queries, BLOCK_N keys (or memory slots). Every entry compiles for sm_80 and
 # sm_90 with no spill and shared memory under the sm_80/sm_90 limits (and under the 99 KB of
-# sm_86/sm_89): `python -m chunkmem.compile_check`. Found by compiling candidates, not by timing
-# (no GPU was available): the fused RoPE and the two online-softmax states cost registers, so
-# the tiles are smaller than a plain flash kernel's.
-# fp32 uses exact ("ieee") dots, which run on FMA units: only 16 x 16 and 32 x 16 tiles fit.
-# The registers ptxas allocates for them jump erratically with the configuration (a neighbour
-# of a spill-free entry often spills), so each entry was picked from a sweep: at D = 128,
-# bwd_dkdv spills on sm_80 or sm_90 at every 16 x 16 configuration tried (2-16 warps, 1-2
-# stages) but fits at 32 x 16. At D = 256 the fp32 dq kernel spills at every configuration
-# tried (16 x 16 and 16/32 x 32, 4-16 warps, 1-3 stages; at best 8 bytes on sm_90), so the
-# fp32 backward at D = 256 has no entries and goes to the torch backend (unsupported_reason).
+# sm_86/sm_89), with Triton 3.6 (the GPU machine's) and with the newest Triton:
+# `python -m chunkmem.compile_check` (.ci/run runs it under both). Found by compiling
+# candidates, not by timing (no GPU was available): the fused RoPE and the two online-softmax
+# states cost registers, so the tiles are smaller than a plain flash kernel's.
+# The registers ptxas allocates jump erratically with the configuration and the Triton version
+# (a neighbour of a spill-free entry often spills), so each entry was picked from a sweep.
+# fp32 uses exact ("ieee") dots, which run on FMA units: small tiles, many warps. At D = 256
+# the fp32 dq kernel spills at every configuration tried (16 x 16 and 16/32 x 32, 4-16 warps,
+# 1-3 stages; at best 8 bytes on sm_90), so the fp32 backward at D = 256 has no entries and
+# goes to the torch backend (unsupported_reason).
 _GPU_CONFIGS = {
     ("fwd", 2): {32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
+    ("bwd_preprocess", 2): {32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 8, 2),
+                            256: (16, 32, 8, 1)},
     ("bwd_dq", 2): {32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
-    ("bwd_dkdv", 2): {32: (32, 32, 4, 2), 64: (32, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
+    ("bwd_dkdv", 2): {32: (32, 32, 4, 2), 64: (32, 32, 8, 1), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
+    ("bwd_dmem", 2): {32: (32, 32, 4, 1), 64: (32, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
     ("fwd", 4): {32: (16, 16, 4, 1), 64: (16, 16, 8, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
-    ("bwd_dq", 4): {32: (16, 16, 4, 1), 64: (16, 16, 4, 2), 128: (16, 16, 8, 2)},
-    ("bwd_dkdv", 4): {32: (16, 16, 4, 2), 64: (16, 16, 8, 1), 128: (32, 16, 8, 1)},
+    ("bwd_preprocess", 4): {32: (16, 16, 4, 1), 64: (16, 16, 8, 2), 128: (16, 16, 16, 2)},
+    ("bwd_dq", 4): {32: (16, 16, 4, 1), 64: (16, 16, 4, 2), 128: (16, 16, 16, 2)},
+    ("bwd_dkdv", 4): {32: (16, 16, 4, 2), 64: (16, 16, 8, 1), 128: (32, 32, 16, 1)},
     ("bwd_dmem", 4): {32: (16, 16, 2, 1), 64: (16, 16, 2, 1), 128: (16, 16, 8, 1)},
 }
-_GPU_CONFIGS[("bwd_dmem", 2)] = _GPU_CONFIGS[("bwd_dkdv", 2)]
-# The preprocess kernel runs the dq kernel's loop without the dq dots: the same tiles, except
-# fp32 at D = 64 and 128: the dq kernel's configurations spill there (8 bytes on sm_80, resp.
-# sm_90).
-_GPU_CONFIGS[("bwd_preprocess", 2)] = _GPU_CONFIGS[("bwd_dq", 2)]
-_GPU_CONFIGS[("bwd_preprocess", 4)] = {32: (16, 16, 4, 1), 64: (16, 16, 8, 2), 128: (32, 16, 8, 1)}
 
 
 def has_gpu_config(kind: str, dtype: torch.dtype, head_dim: int) -> bool:
