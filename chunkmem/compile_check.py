@@ -3,11 +3,13 @@
     python -m chunkmem.compile_check [--arch 80 90] [--jobs 2] [--filter SUBSTRING]
 
 Collects the variants of each module in ``MODULES`` that exposes ``compile_variants()`` (a list
-of dicts with keys name, fn, signature, constexprs, num_warps, num_stages), compiles each with
-``triton.compile`` for ``GPUTarget("cuda", arch, 32)``, and prints registers and spills (REG and
-STACK from ``cuobjdump -res-usage`` on the cubin) and shared memory (compiled metadata) per
-variant and target. Exits 1 on any compile error, any spill (STACK > 0) or shared memory above
-the target's per-block limit.
+of dicts with keys name, fn, signature, constexprs, num_warps, num_stages and optionally archs,
+the targets a variant is launched on), compiles each with ``triton.compile`` for
+``GPUTarget("cuda", arch, 32)``, and prints registers and spills (REG and STACK from
+``cuobjdump -res-usage`` on the cubin), shared memory (compiled metadata) and the number of
+wgmma (Hopper warpgroup MMA) instructions in the PTX per variant and target (0 on sm_80; on
+sm_90, 0 means the dots run on the slower mma.sync path). Exits 1 on any compile error, any
+spill (STACK > 0) or shared memory above the target's per-block limit.
 
 Register allocation differs between Triton versions (each bundles its own ptxas): CI runs this
 check under the newest Triton and under Triton 3.6, the version of the GPU machine's image.
@@ -74,7 +76,7 @@ def _compile_one(job):
     from triton.backends.compiler import GPUTarget
 
     v = _load_variants(module_name)[index]
-    row = dict(name=v["name"], arch=arch, reg=None, stack=None, smem=None, error=None)
+    row = dict(name=v["name"], arch=arch, reg=None, stack=None, smem=None, wgmma=None, error=None)
     t0 = time.time()
     try:
         src = triton.compiler.ASTSource(fn=v["fn"], signature=v["signature"],
@@ -84,6 +86,7 @@ def _compile_one(job):
                                                num_stages=v["num_stages"]))
         row["smem"] = int(compiled.metadata.shared)
         row["reg"], row["stack"] = _res_usage(compiled.asm["cubin"])
+        row["wgmma"] = compiled.asm["ptx"].count("wgmma.mma_async")
     except Exception as exc:  # reported in the table, makes the check fail
         row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
     row["seconds"] = time.time() - t0
@@ -108,7 +111,8 @@ def main(argv=None) -> int:
             continue
         for i, v in enumerate(variants):
             if args.filter in v["name"]:
-                jobs.extend((module_name, i, arch) for arch in args.arch)
+                jobs.extend((module_name, i, arch) for arch in args.arch
+                            if arch in v.get("archs", args.arch))
     t0 = time.time()
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
@@ -117,7 +121,8 @@ def main(argv=None) -> int:
         rows = [_compile_one(j) for j in jobs]
 
     failed = 0
-    print(f"{'variant':<44} {'sm':>3} {'REG':>4} {'STACK':>5} {'SMEM(B)':>8} {'s':>5}  status")
+    print(f"{'variant':<44} {'sm':>3} {'REG':>4} {'STACK':>5} {'SMEM(B)':>8} {'WGMMA':>5} "
+          f"{'s':>5}  status")
     for r in rows:
         problems = []
         if r["error"]:
@@ -130,7 +135,8 @@ def main(argv=None) -> int:
         failed += bool(problems)
         print(f"{r['name']:<44} {r['arch']:>3} {r['reg'] if r['reg'] is not None else '-':>4} "
               f"{r['stack'] if r['stack'] is not None else '-':>5} "
-              f"{r['smem'] if r['smem'] is not None else '-':>8} {r['seconds']:>5.1f}  "
+              f"{r['smem'] if r['smem'] is not None else '-':>8} "
+              f"{r['wgmma'] if r['wgmma'] is not None else '-':>5} {r['seconds']:>5.1f}  "
               f"{'; '.join(problems) or 'ok'}")
     import triton
 

@@ -110,14 +110,17 @@ def _(grad_out, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, chunk_size, u
 
 def _setup_context(ctx, inputs, output):
     ctx.args = inputs[7:]  # the non-tensor arguments; tensors go through save_for_backward
-    ctx.save_for_backward(*(t for t in inputs[:7] if t is not None), *output)
+    # out and lse only where the backward starts from them (the Triton kernels): the other
+    # backends recompute, and keeping out alive for them would cost its memory for nothing.
+    kept = output if inputs[-1] == "triton" else ()
+    ctx.save_for_backward(*(t for t in inputs[:7] if t is not None), *kept)
     ctx.present = [t is not None for t in inputs[:7]]
 
 
 def _backward(ctx, grad_out, _grad_lse):
     saved = iter(ctx.saved_tensors)
     tensors = [next(saved) if present else None for present in ctx.present]
-    out, lse = saved
+    out, lse = tuple(saved) or (grad_out.new_empty(0), grad_out.new_empty(0))
     dq, dk, dv, dmk, dmv, dw = hybrid_attention_backward_op(grad_out, *tensors, out, lse,
                                                             *ctx.args)
     has_mem = ctx.present[3]

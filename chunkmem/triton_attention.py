@@ -25,7 +25,8 @@ configurations, shared by the launches and ``python -m chunkmem.compile_check``)
 Precision: softmax statistics and accumulators in fp32; fp16/bf16 tiles feed the tensor cores,
 fp32 inputs use exact fp32 dots. RoPE angles are exact fixed-point (see the kernels' ``_rope``).
 Unsupported (-> torch backend): head dims other than 32/64/128/256, the fp32 backward at
-D = 256 on a GPU (no spill-free configuration), bf16 in the interpreter, pre-sm_80 GPUs.
+D = 256 on a GPU (no spill-free configuration), bf16 in the interpreter, pre-sm_80 GPUs, B or H
+above 65535 (CUDA grid axes), T * D >= 2**31, positions outside int32.
 
 Activation memory saved for the backward, beyond the inputs and the output: LSE (B, H, 3, Tq)
 fp32 (log2 units), 12 bytes per query row and head, O(B*H*Tq) as SPEC §1 asks. The per-path
@@ -86,26 +87,54 @@ _GPU_CONFIGS = {
 }
 
 
+# Hopper (sm_90) replacements of _GPU_CONFIGS entries. On sm_90 Triton lowers a tl.dot to
+# wgmma (the warpgroup MMA; HGMMA in SASS) only when the dot's M dimension is at least 64;
+# smaller tiles get Ampere's mma.sync, a slower path on Hopper. So these entries have 64-row
+# tiles where they fit without spills: 64 queries in the forward, preprocess and dq kernels,
+# 64 keys in the dk/dv and dmem kernels, which then run key-major (KEY_MAJOR: every dot of
+# their loop has the key block as its M dimension). Checked like the entries above (the compile
+# check also counts wgmma instructions); not timed. Where no 64-row tile fits (fp16/bf16 dk/dv
+# at D >= 128, forward and dq at D = 256) sm_90 uses the entry above.
+_SM90_CONFIGS = {
+    ("fwd", 2): {128: (64, 32, 8, 2)},
+    ("bwd_preprocess", 2): {128: (64, 32, 8, 2), 256: (64, 32, 8, 1)},
+    ("bwd_dq", 2): {128: (64, 32, 8, 2)},
+    ("bwd_dkdv", 2): {32: (32, 64, 4, 2), 64: (32, 64, 8, 1)},
+    ("bwd_dmem", 2): {32: (32, 64, 4, 1), 64: (32, 64, 8, 1), 128: (16, 64, 8, 1)},
+}
+
+
+def gpu_arch(device) -> int:
+    """The configuration family of a CUDA device: 90 for Hopper and newer, else 80."""
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+
+
 def has_gpu_config(kind: str, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether `kind` has a spill-free GPU launch configuration for this dtype and D."""
     return head_dim in _GPU_CONFIGS[(kind, 4 if dtype == torch.float32 else 2)]
 
 
-def block_config(kind: str, dtype: torch.dtype, head_dim: int, interpret: bool | None = None):
-    """Launch configuration of one kernel: dict(BLOCK_M, BLOCK_N, num_warps, num_stages).
+def block_config(kind: str, dtype: torch.dtype, head_dim: int, interpret: bool | None = None,
+                 arch: int = 80):
+    """Launch configuration of one kernel: dict(BLOCK_M, BLOCK_N, num_warps, num_stages,
+    KEY_MAJOR); KEY_MAJOR (dk/dv and dmem kernels) goes with the sm_90 entries.
 
-    kind: one of KERNEL_KINDS; dtype: q's dtype; head_dim: D. Under the Triton interpreter the
-    blocks are 16 x 16 (smallest tl.dot size) so that small test shapes span several blocks.
+    kind: one of KERNEL_KINDS; dtype: q's dtype; head_dim: D; arch: 80 or 90 (gpu_arch). Under
+    the Triton interpreter the blocks are 16 x 16 (smallest tl.dot size) so that small test
+    shapes span several blocks.
     """
     if interpret is None:
         interpret = interpreting()
     if interpret:
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, KEY_MAJOR=False)
     if not has_gpu_config(kind, dtype, head_dim):
         raise ValueError(f"no spill-free GPU configuration of kernel {kind} for {dtype}, D={head_dim} "
                          "(unsupported_reason reports this case)")
-    bm, bn, warps, stages = _GPU_CONFIGS[(kind, 4 if dtype == torch.float32 else 2)][head_dim]
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    key = (kind, 4 if dtype == torch.float32 else 2)
+    hopper = _SM90_CONFIGS.get(key, {}) if arch >= 90 else {}
+    bm, bn, warps, stages = hopper.get(head_dim, _GPU_CONFIGS[key][head_dim])
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+                KEY_MAJOR=kind in ("bwd_dkdv", "bwd_dmem") and head_dim in hopper)
 
 
 def unsupported_reason(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_global,
@@ -156,6 +185,11 @@ def _rope_step(head_dim: int, rope_base: float | None, device):
     return torch.round(theta / (2 * math.pi) * 2.0 ** 48).to(torch.int64).to(device)
 
 
+def _arch(q) -> int:
+    """block_config's arch for q's device (80 for CPU tensors: the interpreter ignores it)."""
+    return gpu_arch(q.device) if q.device.type == "cuda" else 80
+
+
 def _chunk(chunk_size, Tk: int) -> int:
     """Chunk size for the kernels: membership is unchanged by clamping it to Tk, which keeps the
     index arithmetic in int32; 1 (unused) when there is no chunk path."""
@@ -194,8 +228,9 @@ def _forward_impl(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_globa
     mem_len = _mem_len_i32(mem_len, q.device)
     w = weights.detach().to(device=q.device, dtype=torch.float32).contiguous()
     out = torch.empty_like(q)
-    lse = torch.empty(B, H, 3, Tq, dtype=torch.float32, device=q.device)
-    cfg = block_config("fwd", q.dtype, D)
+    # Rows of paths that are off stay 0 (lse is an output of the torch.library op: no junk).
+    lse = torch.zeros(B, H, 3, Tq, dtype=torch.float32, device=q.device)
+    cfg = block_config("fwd", q.dtype, D, arch=_arch(q))
     if out.numel() > 0:
         hybrid_attention_fwd_kernel[(triton_cdiv(Tq, cfg["BLOCK_M"]), B, H)](
             q, k, v, mem_k, mem_v, w, mem_len, _rope_step(D, rope_base, q.device), out, lse,
@@ -260,6 +295,7 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, m, n
     mem_len = _mem_len_i32(mem_len, q.device)
     w = weights.detach().to(device=q.device, dtype=torch.float32).contiguous()
     rope_step = _rope_step(D, m["rope_base"], q.device)
+    arch = _arch(q)
     dout = dout.contiguous()
     flags = dict(USE_GLOBAL=m["use_global"], HAS_CHUNK=m["has_chunk"])
     prec = _dot_precision(q.dtype)
@@ -280,7 +316,7 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, m, n
     di = torch.zeros(B, H, 3, Tq, dtype=torch.float32, device=q.device)
     dw_rows = torch.zeros(B, H, 3, Tq, dtype=torch.float32, device=q.device)
     if run:
-        cfg = block_config("bwd_preprocess", q.dtype, D)
+        cfg = block_config("bwd_preprocess", q.dtype, D, arch=arch)
         hybrid_attention_bwd_preprocess_kernel[(triton_cdiv(Tq, cfg["BLOCK_M"]), B, H)](
             q, k, v, mem_k, mem_v, out.contiguous(), dout, w, mem_len, rope_step, lse, di,
             dw_rows, H, G, Tq, Tk, S, m["C"], m["start_pos"], qk_scale,
@@ -288,7 +324,7 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, m, n
             HAS_MEM=m["has_mem"], ROPE=m["rope_base"] is not None, DOT_PREC=prec, **flags,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if run_dq:
-        cfg = block_config("bwd_dq", q.dtype, D)
+        cfg = block_config("bwd_dq", q.dtype, D, arch=arch)
         hybrid_attention_bwd_dq_kernel[(triton_cdiv(Tq, cfg["BLOCK_M"]), B, H)](
             q, k, v, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, dw_rows, dq,
             H, G, Tq, Tk, S, m["C"], m["start_pos"], qk_scale, m["scale"],
@@ -296,19 +332,20 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, m, n
             HAS_MEM=m["has_mem"], ROPE=m["rope_base"] is not None, DOT_PREC=prec, **flags,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if run_dkdv:
-        cfg = block_config("bwd_dkdv", q.dtype, D)
+        cfg = block_config("bwd_dkdv", q.dtype, D, arch=arch)
         hybrid_attention_bwd_dkdv_kernel[(triton_cdiv(Tk, cfg["BLOCK_N"]), B, G)](
             q, k, v, dout, w, rope_step, lse, di, dk, dv,
             H, G, Tq, Tk, m["C"], m["start_pos"], qk_scale, m["scale"],
             HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            ROPE=m["rope_base"] is not None, DOT_PREC=prec, **flags,
+            ROPE=m["rope_base"] is not None, KEY_MAJOR=cfg["KEY_MAJOR"], DOT_PREC=prec, **flags,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if run_dmem:
-        cfg = block_config("bwd_dmem", q.dtype, D)
+        cfg = block_config("bwd_dmem", q.dtype, D, arch=arch)
         hybrid_attention_bwd_dmem_kernel[(triton_cdiv(S, cfg["BLOCK_N"]), B, G)](
             q, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, dmk, dmv,
             H, G, Tq, S, qk_scale, m["scale"],
-            HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DOT_PREC=prec,
+            HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            KEY_MAJOR=cfg["KEY_MAJOR"], DOT_PREC=prec,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     dw = dw_rows.sum(dim=(0, 3)).to(weights.dtype) if need[5] else None  # (H, 3)
     return dq, dk, dv, dmk, dmv, dw
@@ -370,10 +407,12 @@ def _signature(fn, dtype: str) -> dict:
 
 def compile_variants() -> list:
     """Every kernel x dtype (fp32/fp16/bf16) x D (32/64/128/256) that has a launch configuration
-    (all but the fp32 backward at D = 256) with that configuration.
+    (all but the fp32 backward at D = 256) with that configuration; one variant per arch
+    (name suffix _sm80 / _sm90) where sm_90 has its own.
 
     Each variant has all paths on and RoPE: the largest code of its kernel.
-    Returns dicts with keys name, fn, signature, constexprs, num_warps, num_stages.
+    Returns dicts with keys name, fn, signature, constexprs, num_warps, num_stages, archs (the
+    compile targets it is launched on).
     """
     from chunkmem.kernels import hybrid_attention as kern
 
@@ -392,14 +431,20 @@ def compile_variants() -> list:
             for kind, fn in fns.items():
                 if not has_gpu_config(kind, dtype, D):
                     continue  # unsupported_reason sends these cases to the torch backend
-                cfg = block_config(kind, dtype, D, interpret=False)
-                values = dict(HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                              DOT_PREC=_dot_precision(dtype), **flags)
-                constexprs = {n: values[n] for n, is_cx in _kernel_args(fn) if is_cx}
-                variants.append(dict(
-                    name=f"attn_{kind}_{tdt}_d{D}_m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}",
-                    fn=fn, signature=_signature(fn, tdt), constexprs=constexprs,
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+                cfgs = {arch: block_config(kind, dtype, D, interpret=False, arch=arch)
+                        for arch in (80, 90)}
+                groups = [(80, 90)] if cfgs[80] == cfgs[90] else [(80,), (90,)]
+                for archs in groups:
+                    cfg = cfgs[archs[0]]
+                    values = dict(HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                  KEY_MAJOR=cfg["KEY_MAJOR"], DOT_PREC=_dot_precision(dtype),
+                                  **flags)
+                    constexprs = {n: values[n] for n, is_cx in _kernel_args(fn) if is_cx}
+                    suffix = f"_sm{archs[0]}" if len(archs) == 1 else ""
+                    variants.append(dict(
+                        name=f"attn_{kind}_{tdt}_d{D}_m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}{suffix}",
+                        fn=fn, signature=_signature(fn, tdt), constexprs=constexprs,
+                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], archs=archs))
     return variants
 
 

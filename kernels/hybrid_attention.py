@@ -128,9 +128,28 @@ def _scores(q1, q2, k1, k2, qk_scale, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _along_queries(x, KEY_MAJOR: tl.constexpr):
+    """A per-query vector x broadcast over a tile: (M, 1), or (1, M) for a key-major (N, M) tile."""
+    if KEY_MAJOR:
+        return x[None, :]
+    else:
+        return x[:, None]
+
+
+@triton.jit
+def _along_keys(x, KEY_MAJOR: tl.constexpr):
+    """A per-key vector x broadcast over a tile: (1, N), or (N, 1) for a key-major (N, M) tile."""
+    if KEY_MAJOR:
+        return x[:, None]
+    else:
+        return x[None, :]
+
+
+@triton.jit
 def _mask_scores(s, rows, cols, off, n_keys, first_key, chunk_size, MEM: tl.constexpr,
-                 MASKED: tl.constexpr, DO_2: tl.constexpr):
-    """Scores of states 1 and 2 with invalid pairs set to -inf.
+                 MASKED: tl.constexpr, DO_2: tl.constexpr, KEY_MAJOR: tl.constexpr):
+    """Scores of states 1 and 2 with invalid pairs set to -inf; s is (M, N) (queries rows,
+    keys cols), or (N, M) when KEY_MAJOR.
 
     MEM: state 1 = memory slots [first_key, n_keys). Otherwise state 1 = global (key j <= a_i,
     a_i = i + off; no mask when not MASKED: the caller knows the whole tile is valid) and
@@ -138,16 +157,18 @@ def _mask_scores(s, rows, cols, off, n_keys, first_key, chunk_size, MEM: tl.cons
     not masked: their q, dO and statistics load as 0, so they contribute exactly 0.
     """
     if MEM:
-        s1 = tl.where(((cols >= first_key) & (cols < n_keys))[None, :], s, float("-inf"))
+        s1 = tl.where(_along_keys((cols >= first_key) & (cols < n_keys), KEY_MAJOR), s,
+                      float("-inf"))
         s2 = s1
     else:
         a = rows + off
+        key = _along_keys(cols, KEY_MAJOR)
         if MASKED:
-            s1 = tl.where(cols[None, :] <= a[:, None], s, float("-inf"))
+            s1 = tl.where(key <= _along_queries(a, KEY_MAJOR), s, float("-inf"))
         else:
             s1 = s
         if DO_2:
-            s2 = tl.where(cols[None, :] >= ((a // chunk_size) * chunk_size)[:, None], s1,
+            s2 = tl.where(key >= _along_queries((a // chunk_size) * chunk_size, KEY_MAJOR), s1,
                           float("-inf"))
         else:
             s2 = s1
@@ -217,7 +238,8 @@ def _fwd_loop(m1, l1, acc1, m2, l2, acc2, q1, q2, rows, k_ptr, v_ptr, ROPE_STEP,
         k1, k2 = _load_rot(k_ptr, cols, col_ok, start_pos + cols, ROPE_STEP, HALF, HEAD_DIM, ROPE)
         v = _load_rows(v_ptr, cols, col_ok, HEAD_DIM)
         s = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
-        s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, chunk_size, MEM, MASKED, DO_2)
+        s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, chunk_size, MEM, MASKED, DO_2,
+                              False)
         if DO_1:
             m1, l1, acc1 = _online_softmax_step(m1, l1, acc1, s1, v, DOT_PREC)
         if DO_2:
@@ -256,7 +278,7 @@ def hybrid_attention_fwd_kernel(
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
     ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """One program per (query block, b * H + h): out = w_g O_g + w_c O_c + w_m O_m and the LSE of
+    """One program per (query block, b, h): out = w_g O_g + w_c O_c + w_m O_m and the LSE of
     each path."""
     HALF: tl.constexpr = HEAD_DIM // 2
     b, h, bg, m0, rows, row_ok, q_off, stats_off = _query_program(H, G, Tq, HEAD_DIM, BLOCK_M)
@@ -316,12 +338,18 @@ def hybrid_attention_fwd_kernel(
 # Backward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _path_grad(pw, ds, s, dp, lse, di, w):
+def _path_grad(pw, ds, s, dp, lse, di, w, KEY_MAJOR: tl.constexpr):
     """Add path p's w_p * P_p to pw and its score gradient P_p * (w_p dP - DI_p) to ds; also
-    return rowsum(P_p * dP) = rowsum(dO * O_p). s is -inf where masked."""
-    p = tl.exp2(s - lse[:, None])
+    return rowsum(P_p * dP) = rowsum(dO * O_p) (M,). s is -inf where masked; tiles are (M, N),
+    or (N, M) when KEY_MAJOR."""
+    p = tl.exp2(s - _along_queries(lse, KEY_MAJOR))
     wp = w * p
-    return pw + wp, ds + (wp * dp - p * di[:, None]), tl.sum(p * dp, 1)
+    ds = ds + (wp * dp - p * _along_queries(di, KEY_MAJOR))
+    if KEY_MAJOR:
+        r = tl.sum(p * dp, 0)
+    else:
+        r = tl.sum(p * dp, 1)
+    return pw + wp, ds, r
 
 
 @triton.jit
@@ -336,7 +364,7 @@ def _row_stat(x, row_ok, LOAD: tl.constexpr):
 def _tile_grads(q1, q2, k1, k2, do, v, rows, cols, row_ok, lse1, di1, w1, lse2, di2, w2,
                 off, n_keys, first_key, chunk_size, qk_scale,
                 DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
-                LOAD_STATS: tl.constexpr, DOT_PREC: tl.constexpr):
+                LOAD_STATS: tl.constexpr, KEY_MAJOR: tl.constexpr, DOT_PREC: tl.constexpr):
     """Recompute one (query tile, key tile) of states 1 and 2 (as in _fwd_loop).
 
     q halves (M, HALF), do (M, D), k halves (N, HALF), v (N, D); lse*, di* (M,) and the weights
@@ -344,21 +372,28 @@ def _tile_grads(q1, q2, k1, k2, do, v, rows, cols, row_ok, lse1, di1, w1, lse2, 
     (loaded before them, they stay live across the dots: the D = 256 dk/dv kernel then spills).
     Returns pw = sum_p w_p P_p (M, N), the weights of dV; ds = sum_p P_p (w_p dP - DI_p) (M, N),
     the gradient of the scores (in units of q.k * scale); and r1, r2 = rowsum(P dP) (M,) of each
-    state, 0 for a state that is off.
+    state, 0 for a state that is off. KEY_MAJOR computes the transposed tiles, (N, M), for the
+    dk/dv loops: their dots (K Q^T, V dO^T, P^T dO, dS^T Q) then all have the key block as their
+    M dimension, which is what lets a small query block still use Hopper's wgmma.
     """
-    s = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-    s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, chunk_size, MEM, MASKED, DO_2)
+    if KEY_MAJOR:
+        s = _scores(k1, k2, q1, q2, qk_scale, DOT_PREC)
+        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    else:
+        s = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, chunk_size, MEM, MASKED, DO_2,
+                          KEY_MAJOR)
     pw = tl.zeros_like(dp)
     ds = tl.zeros_like(dp)
-    r1 = tl.zeros([dp.shape[0]], dtype=tl.float32)
+    r1 = tl.zeros([do.shape[0]], dtype=tl.float32)
     r2 = r1
     if DO_1:
         pw, ds, r1 = _path_grad(pw, ds, s1, dp, _row_stat(lse1, row_ok, LOAD_STATS),
-                                _row_stat(di1, row_ok, LOAD_STATS), w1)
+                                _row_stat(di1, row_ok, LOAD_STATS), w1, KEY_MAJOR)
     if DO_2:
         pw, ds, r2 = _path_grad(pw, ds, s2, dp, _row_stat(lse2, row_ok, LOAD_STATS),
-                                _row_stat(di2, row_ok, LOAD_STATS), w2)
+                                _row_stat(di2, row_ok, LOAD_STATS), w2, KEY_MAJOR)
     return pw, ds, r1, r2
 
 
@@ -378,7 +413,7 @@ def _bwd_q_loop(dq1, dq2, r1, r2, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
         v = _load_rows(v_ptr, cols, col_ok, HEAD_DIM)
         pw, ds, t1, t2 = _tile_grads(q1, q2, k1, k2, do, v, rows, cols, None, lse1, di1, w1,
                                      lse2, di2, w2, off, n_keys, first_key, chunk_size, qk_scale,
-                                     DO_1, DO_2, MASKED, MEM, False, DOT_PREC)
+                                     DO_1, DO_2, MASKED, MEM, False, False, DOT_PREC)
         r1 += t1
         r2 += t2
         if GRAD_Q:
@@ -408,7 +443,7 @@ def hybrid_attention_bwd_preprocess_kernel(
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
     ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """One program per (query block, b * H + h): DI of every path that is on, and DW of every
+    """One program per (query block, b, h): DI of every path that is on, and DW of every
     path but the derived one (see the module docstring). The memory path (S slots) and, with the
     global path on, the chunk path (the keys of the rows' chunks) are recomputed; the derived
     path's DI is rowsum(dO * out) minus the others'."""
@@ -461,7 +496,7 @@ def hybrid_attention_bwd_dq_kernel(
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
     ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """One program per (query block, b * H + h): dq of all three paths (no atomics), and the
+    """One program per (query block, b, h): dq of all three paths (no atomics), and the
     derived path's DW."""
     HALF: tl.constexpr = HEAD_DIM // 2
     b, h, bg, m0, rows, row_ok, q_off, stats_off = _query_program(H, G, Tq, HEAD_DIM, BLOCK_M)
@@ -531,14 +566,25 @@ def _kv_program(G, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _keys_first(x, KEY_MAJOR: tl.constexpr):
+    """A tile of _tile_grads as (N, M), keys first: itself when KEY_MAJOR, else transposed."""
+    if KEY_MAJOR:
+        return x
+    else:
+        return tl.trans(x)
+
+
+@triton.jit
 def _bwd_kv_loop(dk1, dk2, dv, k1, k2, v, cols, q_ptr, do_ptr, lse_ptr, di_ptr, w1, w2,
                  ROPE_STEP, Tq, off, n_keys, first_key, chunk_size, start_pos, qk_scale, lo, hi,
                  P1: tl.constexpr, P2: tl.constexpr,
                  HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
-                 ROPE: tl.constexpr, DOT_PREC: tl.constexpr):
+                 ROPE: tl.constexpr, KEY_MAJOR: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate the key block's (rotated) dk halves and dv over query blocks [lo, hi) of one
-    query head; states 1/2 are the paths P1/P2 (rows of LSE/DI)."""
+    query head; states 1/2 are the paths P1/P2 (rows of LSE/DI). KEY_MAJOR: see _tile_grads
+    (the launcher sets it with the sm_90 tiles; elsewhere the transposes are cheaper in
+    registers)."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < Tq
@@ -548,11 +594,12 @@ def _bwd_kv_loop(dk1, dk2, dv, k1, k2, v, cols, q_ptr, do_ptr, lse_ptr, di_ptr, 
         pw, ds, _r1, _r2 = _tile_grads(
             q1, q2, k1, k2, do, v, rows, cols, row_ok, lse_ptr + P1 * Tq + rows,
             di_ptr + P1 * Tq + rows, w1, lse_ptr + P2 * Tq + rows, di_ptr + P2 * Tq + rows, w2,
-            off, n_keys, first_key, chunk_size, qk_scale, DO_1, DO_2, MASKED, MEM, True, DOT_PREC)
-        dv = tl.dot(tl.trans(pw.to(do.dtype)), do, dv, input_precision=DOT_PREC)
-        ds_t = tl.trans(ds.to(q1.dtype))
-        dk1 = tl.dot(ds_t, q1, dk1, input_precision=DOT_PREC)
-        dk2 = tl.dot(ds_t, q2, dk2, input_precision=DOT_PREC)
+            off, n_keys, first_key, chunk_size, qk_scale, DO_1, DO_2, MASKED, MEM, True, KEY_MAJOR,
+            DOT_PREC)
+        dv = tl.dot(_keys_first(pw.to(do.dtype), KEY_MAJOR), do, dv, input_precision=DOT_PREC)
+        ds = _keys_first(ds.to(q1.dtype), KEY_MAJOR)
+        dk1 = tl.dot(ds, q1, dk1, input_precision=DOT_PREC)
+        dk2 = tl.dot(ds, q2, dk2, input_precision=DOT_PREC)
     return dk1, dk2, dv
 
 
@@ -562,7 +609,7 @@ def hybrid_attention_bwd_dkdv_kernel(
     H, G, Tq, Tk, chunk_size, start_pos, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, ROPE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    KEY_MAJOR: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """One program per (key block, b, g): dk, dv of the global and chunk paths, summed over
     the H/G query heads of the group in a fixed order (deterministic, no atomics)."""
@@ -591,12 +638,13 @@ def hybrid_attention_bwd_dkdv_kernel(
         dk1, dk2, dv = _bwd_kv_loop(  # diagonal and chunk window: masked
             dk1, dk2, dv, k1, k2, v, cols, q_ptr, do_ptr, lse_ptr, di_ptr, w_g, w_c,
             ROPE_STEP, Tq, off, Tk, 0, chunk_size, start_pos, qk_scale, lo, split, 0, 1,
-            HALF, HEAD_DIM, BLOCK_M, USE_GLOBAL, HAS_CHUNK, True, False, ROPE, DOT_PREC)
+            HALF, HEAD_DIM, BLOCK_M, USE_GLOBAL, HAS_CHUNK, True, False, ROPE, KEY_MAJOR,
+            DOT_PREC)
         if USE_GLOBAL:  # later queries see the whole block through the global path
             dk1, dk2, dv = _bwd_kv_loop(
                 dk1, dk2, dv, k1, k2, v, cols, q_ptr, do_ptr, lse_ptr, di_ptr, w_g, w_c,
                 ROPE_STEP, Tq, off, Tk, 0, chunk_size, start_pos, qk_scale, split, Tq, 0, 1,
-                HALF, HEAD_DIM, BLOCK_M, True, False, False, False, ROPE, DOT_PREC)
+                HALF, HEAD_DIM, BLOCK_M, True, False, False, False, ROPE, KEY_MAJOR, DOT_PREC)
     if ROPE:
         dk1, dk2 = _rope(dk1, dk2, start_pos + cols, ROPE_STEP, HALF, -1)
     _store_halves(DK + kv_off, cols, col_ok, dk1 * scale, dk2 * scale, HALF, HEAD_DIM)
@@ -608,7 +656,7 @@ def hybrid_attention_bwd_dmem_kernel(
     Q, MK, MV, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DMK, DMV,
     H, G, Tq, S, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    KEY_MAJOR: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """One program per (slot block, b, g): dmem_k, dmem_v over all queries of the group's
     heads (every query sees every valid slot). Blocks of invalid slots get zeros."""
@@ -633,6 +681,6 @@ def hybrid_attention_bwd_dmem_kernel(
             dk1, dk2, dv, k1, k2, v, cols, Q + bh * Tq * HEAD_DIM, DO + bh * Tq * HEAD_DIM,
             LSE + bh * 3 * Tq, DI + bh * 3 * Tq, w_m, w_m,
             ROPE_STEP, Tq, 0, S, first, 1, 0, qk_scale, 0, hi, 2, 2,
-            HALF, HEAD_DIM, BLOCK_M, True, False, True, True, False, DOT_PREC)
+            HALF, HEAD_DIM, BLOCK_M, True, False, True, True, False, KEY_MAJOR, DOT_PREC)
     _store_halves(DMK + kv_off, cols, col_ok, dk1 * scale, dk2 * scale, HALF, HEAD_DIM)
     _store_rows(DMV + kv_off, cols, col_ok, dv, HEAD_DIM)

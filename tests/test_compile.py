@@ -109,6 +109,12 @@ def test_custom_op_with_triton_backend_passes_opcheck():
     assert lse.shape == (1, 2, 3, 5)
     torch.library.opcheck(hybrid_attention_op,
                           (q, k, v, mk, mv, w, mem_len, 4, True, 10000.0, 2, 0.2, "triton"))
+    # paths off: their LSE rows are outputs too and must be deterministic (zeros)
+    w_global = torch.tensor([[1.0, 0.0, 0.0]] * 2, device=dev, requires_grad=True)
+    args = (q, k, v, None, None, w_global, None, None, True, None, 0, 0.2, "triton")
+    out, lse = hybrid_attention_op(*args)
+    assert torch.equal(lse[:, :, 1:], torch.zeros_like(lse[:, :, 1:]))
+    torch.library.opcheck(hybrid_attention_op, args)
 
 
 def memory_update_inputs(B, S, T, d, mem_len, device="cpu", seed=0):
