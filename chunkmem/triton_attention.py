@@ -94,12 +94,15 @@ _GPU_CONFIGS = {
 # 64 keys in the dk/dv and dmem kernels, which then run key-major (KEY_MAJOR: every dot of
 # their loop has the key block as its M dimension). Checked like the entries above (the compile
 # check also counts wgmma instructions); not timed. Where no 64-row tile fits (fp16/bf16 dk/dv
-# at D >= 128, forward and dq at D = 256) sm_90 uses the entry above.
+# and dmem at D = 256: their (64, 256) fp32 dk and dv accumulators alone take 128 registers a
+# thread; forward and dq at D = 256) sm_90 uses the entry above. dk/dv at D = 128 fits because
+# its loop is one flat loop over (query head, query block) (the kernels' _bwd_kv_loop); 32
+# queries there still spill 8 bytes under Triton 3.6, hence 16 x 64.
 _SM90_CONFIGS = {
     ("fwd", 2): {128: (64, 32, 8, 2)},
     ("bwd_preprocess", 2): {128: (64, 32, 8, 2), 256: (64, 32, 8, 1)},
     ("bwd_dq", 2): {128: (64, 32, 8, 2)},
-    ("bwd_dkdv", 2): {32: (32, 64, 4, 2), 64: (32, 64, 8, 1)},
+    ("bwd_dkdv", 2): {32: (32, 64, 4, 2), 64: (32, 64, 8, 1), 128: (16, 64, 8, 2)},
     ("bwd_dmem", 2): {32: (32, 64, 4, 1), 64: (32, 64, 8, 1), 128: (16, 64, 8, 1)},
 }
 

@@ -23,9 +23,11 @@ Conventions:
   No rotated copy of q or k is ever written to HBM.
 - Masked scores are ``-inf``; the running max starts at a finite sentinel, so a row without any
   valid key keeps ``l = 0`` and gives output 0 and ``LSE = _EMPTY_LSE`` (finite), never NaN.
-  Only the tiles that need it are masked: key tiles below the diagonal and before the chunk
-  window of every row of a query block run unmasked (``MASKED=False``), and so do, in the
-  dk/dv kernel, the query tiles past the key block's diagonal and chunk window.
+  In the forward, preprocess and dq kernels only the tiles that need it are masked: key tiles
+  below the diagonal and before the chunk window of every row of a query block run unmasked
+  (``MASKED=False``). The dk/dv kernel masks every tile (a few integer compares) so that its
+  loop has a single body, and computes the chunk path only for the query tiles in the key
+  block's chunk windows (a runtime branch).
 - Padded query rows (i >= Tq) are not masked in the score tiles: their q, dO, LSE and DI load
   as 0, so they contribute exactly 0 to dk/dv, and their outputs are never stored.
 - RoPE angles are computed exactly in fixed point (see ``_rope``), so their accuracy does not
@@ -147,7 +149,7 @@ def _along_keys(x, KEY_MAJOR: tl.constexpr):
 
 @triton.jit
 def _mask_scores(s, rows, cols, off, n_keys, first_key, chunk_size, MEM: tl.constexpr,
-                 MASKED: tl.constexpr, DO_2: tl.constexpr, KEY_MAJOR: tl.constexpr):
+                 MASKED: tl.constexpr, DO_2, KEY_MAJOR: tl.constexpr):
     """Scores of states 1 and 2 with invalid pairs set to -inf; s is (M, N) (queries rows,
     keys cols), or (N, M) when KEY_MAJOR.
 
@@ -363,9 +365,11 @@ def _row_stat(x, row_ok, LOAD: tl.constexpr):
 @triton.jit
 def _tile_grads(q1, q2, k1, k2, do, v, rows, cols, row_ok, lse1, di1, w1, lse2, di2, w2,
                 off, n_keys, first_key, chunk_size, qk_scale,
-                DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
+                DO_1: tl.constexpr, DO_2, MASKED: tl.constexpr, MEM: tl.constexpr,
                 LOAD_STATS: tl.constexpr, KEY_MAJOR: tl.constexpr, DOT_PREC: tl.constexpr):
     """Recompute one (query tile, key tile) of states 1 and 2 (as in _fwd_loop).
+
+    DO_2 is a constexpr, or a runtime scalar bool (the dk/dv loop's "tile in a chunk window").
 
     q halves (M, HALF), do (M, D), k halves (N, HALF), v (N, D); lse*, di* (M,) and the weights
     w* of the two states; with LOAD_STATS, lse* and di* are (M,) pointers, loaded after the dots
@@ -575,27 +579,41 @@ def _keys_first(x, KEY_MAJOR: tl.constexpr):
 
 
 @triton.jit
-def _bwd_kv_loop(dk1, dk2, dv, k1, k2, v, cols, q_ptr, do_ptr, lse_ptr, di_ptr, w1, w2,
-                 ROPE_STEP, Tq, off, n_keys, first_key, chunk_size, start_pos, qk_scale, lo, hi,
+def _bwd_kv_loop(dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, rep,
+                 ROPE_STEP, Tq, off, n_keys, first_key, chunk_size, start_pos, qk_scale,
+                 lo, split, hi,
                  P1: tl.constexpr, P2: tl.constexpr,
                  HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                 DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
+                 DO_1: tl.constexpr, DO_2: tl.constexpr, MEM: tl.constexpr,
                  ROPE: tl.constexpr, KEY_MAJOR: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Accumulate the key block's (rotated) dk halves and dv over query blocks [lo, hi) of one
-    query head; states 1/2 are the paths P1/P2 (rows of LSE/DI). KEY_MAJOR: see _tile_grads
-    (the launcher sets it with the sm_90 tiles; elsewhere the transposes are cheaper in
-    registers)."""
-    for start_m in range(lo, hi, BLOCK_M):
+    """Accumulate the key block's (rotated) dk halves and dv over the query blocks [lo, hi) of
+    each of the rep query heads g * rep + j of the group, as one flat loop (one loop body: the
+    registers of a second copy of the tile code would stay allocated across the first).
+    States 1/2 are the paths P1/P2 (rows of LSE/DI, columns of W); state 2 is computed only
+    for the query blocks before split (the chunk window: past it, no row sees the key block
+    through state 2). KEY_MAJOR: see _tile_grads (the launcher sets it with the sm_90 tiles;
+    elsewhere the transposes are cheaper in registers)."""
+    n_blocks = tl.cdiv(hi - lo, BLOCK_M)
+    for t in range(0, rep * n_blocks):
+        j = t // n_blocks
+        start_m = lo + (t - j * n_blocks) * BLOCK_M
+        h = g * rep + j
+        bh = (b * H + h).to(tl.int64)
+        q_off = bh * Tq * HEAD_DIM
+        stats = LSE + bh * 3 * Tq
+        dstats = DI + bh * 3 * Tq
+        w1 = tl.load(W + h * 3 + P1)
+        w2 = tl.load(W + h * 3 + P2)
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < Tq
-        q1, q2 = _load_rot(q_ptr, rows, row_ok, start_pos + off + rows, ROPE_STEP, HALF, HEAD_DIM,
-                           ROPE)
-        do = _load_rows(do_ptr, rows, row_ok, HEAD_DIM)
+        q1, q2 = _load_rot(Q + q_off, rows, row_ok, start_pos + off + rows, ROPE_STEP, HALF,
+                           HEAD_DIM, ROPE)
+        do = _load_rows(DO + q_off, rows, row_ok, HEAD_DIM)
         pw, ds, _r1, _r2 = _tile_grads(
-            q1, q2, k1, k2, do, v, rows, cols, row_ok, lse_ptr + P1 * Tq + rows,
-            di_ptr + P1 * Tq + rows, w1, lse_ptr + P2 * Tq + rows, di_ptr + P2 * Tq + rows, w2,
-            off, n_keys, first_key, chunk_size, qk_scale, DO_1, DO_2, MASKED, MEM, True, KEY_MAJOR,
-            DOT_PREC)
+            q1, q2, k1, k2, do, v, rows, cols, row_ok, stats + P1 * Tq + rows,
+            dstats + P1 * Tq + rows, w1, stats + P2 * Tq + rows, dstats + P2 * Tq + rows, w2,
+            off, n_keys, first_key, chunk_size, qk_scale, DO_1, (start_m < split) & DO_2, True,
+            MEM, True, KEY_MAJOR, DOT_PREC)
         dv = tl.dot(_keys_first(pw.to(do.dtype), KEY_MAJOR), do, dv, input_precision=DOT_PREC)
         ds = _keys_first(ds.to(q1.dtype), KEY_MAJOR)
         dk1 = tl.dot(ds, q1, dk1, input_precision=DOT_PREC)
@@ -615,7 +633,6 @@ def hybrid_attention_bwd_dkdv_kernel(
     the H/G query heads of the group in a fixed order (deterministic, no atomics)."""
     HALF: tl.constexpr = HEAD_DIM // 2
     n0, b, g, bg = _kv_program(G, BLOCK_N)
-    rep = H // G
     off = Tk - Tq
     cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < Tk
@@ -625,26 +642,17 @@ def hybrid_attention_bwd_dkdv_kernel(
     dk1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    # Query blocks [lo, split) hold the block's diagonal and chunk windows; later queries see
+    # the whole block through the global path only.
     lo, split = _query_range(n0, Tq, Tk, off, chunk_size, HAS_CHUNK, BLOCK_M, BLOCK_N)
-    for j in range(0, rep):
-        h = g * rep + j
-        bh = (b * H + h).to(tl.int64)
-        q_ptr = Q + bh * Tq * HEAD_DIM
-        do_ptr = DO + bh * Tq * HEAD_DIM
-        lse_ptr = LSE + bh * 3 * Tq
-        di_ptr = DI + bh * 3 * Tq
-        w_g = tl.load(W + h * 3)
-        w_c = tl.load(W + h * 3 + 1)
-        dk1, dk2, dv = _bwd_kv_loop(  # diagonal and chunk window: masked
-            dk1, dk2, dv, k1, k2, v, cols, q_ptr, do_ptr, lse_ptr, di_ptr, w_g, w_c,
-            ROPE_STEP, Tq, off, Tk, 0, chunk_size, start_pos, qk_scale, lo, split, 0, 1,
-            HALF, HEAD_DIM, BLOCK_M, USE_GLOBAL, HAS_CHUNK, True, False, ROPE, KEY_MAJOR,
-            DOT_PREC)
-        if USE_GLOBAL:  # later queries see the whole block through the global path
-            dk1, dk2, dv = _bwd_kv_loop(
-                dk1, dk2, dv, k1, k2, v, cols, q_ptr, do_ptr, lse_ptr, di_ptr, w_g, w_c,
-                ROPE_STEP, Tq, off, Tk, 0, chunk_size, start_pos, qk_scale, split, Tq, 0, 1,
-                HALF, HEAD_DIM, BLOCK_M, True, False, False, False, ROPE, KEY_MAJOR, DOT_PREC)
+    if USE_GLOBAL:
+        hi = Tq
+    else:
+        hi = split
+    dk1, dk2, dv = _bwd_kv_loop(
+        dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, H // G,
+        ROPE_STEP, Tq, off, Tk, 0, chunk_size, start_pos, qk_scale, lo, split, hi, 0, 1,
+        HALF, HEAD_DIM, BLOCK_M, USE_GLOBAL, HAS_CHUNK, False, ROPE, KEY_MAJOR, DOT_PREC)
     if ROPE:
         dk1, dk2 = _rope(dk1, dk2, start_pos + cols, ROPE_STEP, HALF, -1)
     _store_halves(DK + kv_off, cols, col_ok, dk1 * scale, dk2 * scale, HALF, HEAD_DIM)
@@ -662,7 +670,6 @@ def hybrid_attention_bwd_dmem_kernel(
     heads (every query sees every valid slot). Blocks of invalid slots get zeros."""
     HALF: tl.constexpr = HEAD_DIM // 2
     n0, b, g, bg = _kv_program(G, BLOCK_N)
-    rep = H // G
     first = S - tl.load(MEMLEN + b)
     cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < S
@@ -673,14 +680,9 @@ def hybrid_attention_bwd_dmem_kernel(
     dk2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     hi = tl.where(n0 + BLOCK_N > first, Tq, 0)
-    for j in range(0, rep):
-        h = g * rep + j
-        bh = (b * H + h).to(tl.int64)
-        w_m = tl.load(W + h * 3 + 2)
-        dk1, dk2, dv = _bwd_kv_loop(
-            dk1, dk2, dv, k1, k2, v, cols, Q + bh * Tq * HEAD_DIM, DO + bh * Tq * HEAD_DIM,
-            LSE + bh * 3 * Tq, DI + bh * 3 * Tq, w_m, w_m,
-            ROPE_STEP, Tq, 0, S, first, 1, 0, qk_scale, 0, hi, 2, 2,
-            HALF, HEAD_DIM, BLOCK_M, True, False, True, True, False, KEY_MAJOR, DOT_PREC)
+    dk1, dk2, dv = _bwd_kv_loop(
+        dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, H // G,
+        ROPE_STEP, Tq, 0, S, first, 1, 0, qk_scale, 0, 0, hi, 2, 2,
+        HALF, HEAD_DIM, BLOCK_M, True, False, True, False, KEY_MAJOR, DOT_PREC)
     _store_halves(DMK + kv_off, cols, col_ok, dk1 * scale, dk2 * scale, HALF, HEAD_DIM)
     _store_rows(DMV + kv_off, cols, col_ok, dv, HEAD_DIM)
