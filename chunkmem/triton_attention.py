@@ -24,8 +24,8 @@ configurations, shared by the launches and ``python -m chunkmem.compile_check``)
 
 Precision: softmax statistics and accumulators in fp32; fp16/bf16 tiles feed the tensor cores,
 fp32 inputs use exact fp32 dots. RoPE angles are exact fixed-point (see the kernels' ``_rope``).
-Unsupported (-> torch backend): head dims other than 32/64/128/256, the fp32 backward at
-D = 256 on a GPU (no spill-free configuration), bf16 in the interpreter, pre-sm_80 GPUs, B or H
+Unsupported (-> torch backend): head dims other than 32/64/128/256, the backward at D = 256
+on a GPU (no spill-free configuration), bf16 in the interpreter, pre-sm_80 GPUs, B or H
 above 65535 (CUDA grid axes), T * D >= 2**31, positions outside int32.
 
 Activation memory saved for the backward, beyond the inputs and the output: LSE (B, H, 3, Tq)
@@ -62,28 +62,28 @@ BACKWARD_KINDS = KERNEL_KINDS[1:]
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel kind, element size (2 or 4 bytes) and D.
 # BLOCK_M indexes queries, BLOCK_N keys (or memory slots). Every entry compiles for sm_80 and
 # sm_90 with no spill and shared memory under the sm_80/sm_90 limits (and under the 99 KB of
-# sm_86/sm_89), with Triton 3.6 (the GPU machine's) and with the newest Triton:
+# sm_86/sm_89), with Triton 3.6 (the GPU machine's) and with the newest Triton, as a launch on
+# 16-byte-aligned tensors compiles it (pointer alignment hints change the code, and the spills):
 # `python -m chunkmem.compile_check` (.ci/run runs it under both). Found by compiling
 # candidates, not by timing (no GPU was available): the fused RoPE and the two online-softmax
 # states cost registers, so the tiles are smaller than a plain flash kernel's.
 # The registers ptxas allocates jump erratically with the configuration and the Triton version
 # (a neighbour of a spill-free entry often spills), so each entry was picked from a sweep.
-# fp32 uses exact ("ieee") dots, which run on FMA units: small tiles, many warps. At D = 256
-# the fp32 dq kernel spills at every configuration tried (16 x 16 and 16/32 x 32, 4-16 warps,
-# 1-3 stages; at best 8 bytes on sm_90), so the fp32 backward at D = 256 has no entries and
-# goes to the torch backend (unsupported_reason).
+# fp32 uses exact ("ieee") dots, which run on FMA units: small tiles, many warps. The backward
+# at D = 256 has no entries, in any dtype, and goes to the torch backend (unsupported_reason):
+# its dq and dk/dv kernels spill at every configuration tried (fp16: 16 x 16 to 32 x 32 tiles,
+# 2-16 warps, 1-2 stages; at best 8 bytes, or spill-free under one Triton version only).
 _GPU_CONFIGS = {
     ("fwd", 2): {32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
-    ("bwd_preprocess", 2): {32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 8, 2),
-                            256: (16, 32, 8, 1)},
-    ("bwd_dq", 2): {32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
-    ("bwd_dkdv", 2): {32: (32, 32, 4, 2), 64: (32, 32, 8, 1), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
-    ("bwd_dmem", 2): {32: (32, 32, 4, 1), 64: (32, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
-    ("fwd", 4): {32: (16, 16, 4, 1), 64: (16, 16, 8, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
+    ("bwd_preprocess", 2): {32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 16, 8, 2)},
+    ("bwd_dq", 2): {32: (64, 32, 4, 2), 64: (16, 32, 4, 1), 128: (32, 32, 8, 2)},
+    ("bwd_dkdv", 2): {32: (32, 32, 4, 2), 64: (32, 16, 8, 1), 128: (16, 16, 8, 1)},
+    ("bwd_dmem", 2): {32: (32, 32, 4, 1), 64: (32, 32, 8, 2), 128: (32, 32, 8, 2)},
+    ("fwd", 4): {32: (16, 16, 4, 1), 64: (16, 16, 8, 1), 128: (16, 16, 4, 1), 256: (16, 16, 8, 1)},
     ("bwd_preprocess", 4): {32: (16, 16, 4, 1), 64: (16, 16, 8, 2), 128: (16, 16, 16, 2)},
     ("bwd_dq", 4): {32: (16, 16, 4, 1), 64: (16, 16, 4, 2), 128: (16, 16, 16, 2)},
     ("bwd_dkdv", 4): {32: (16, 16, 4, 2), 64: (16, 16, 8, 1), 128: (32, 32, 16, 1)},
-    ("bwd_dmem", 4): {32: (16, 16, 2, 1), 64: (16, 16, 2, 1), 128: (16, 16, 8, 1)},
+    ("bwd_dmem", 4): {32: (16, 16, 4, 1), 64: (16, 16, 2, 1), 128: (16, 16, 8, 1)},
 }
 
 
@@ -93,15 +93,14 @@ _GPU_CONFIGS = {
 # tiles where they fit without spills: 64 queries in the forward, preprocess and dq kernels,
 # 64 keys in the dk/dv and dmem kernels, which then run key-major (KEY_MAJOR: every dot of
 # their loop has the key block as its M dimension). Checked like the entries above (the compile
-# check also counts wgmma instructions); not timed. Where no 64-row tile fits (fp16/bf16 dk/dv
-# and dmem at D = 256: their (64, 256) fp32 dk and dv accumulators alone take 128 registers a
-# thread; forward and dq at D = 256) sm_90 uses the entry above. dk/dv at D = 128 fits because
+# check also counts wgmma instructions); not timed. Where no 64-row tile fits (the forward at
+# D = 256) sm_90 uses the entry above. dk/dv at D = 128 fits because
 # its loop is one flat loop over (query head, query block) (the kernels' _bwd_kv_loop); 32
 # queries there still spill 8 bytes under Triton 3.6, hence 16 x 64.
 _SM90_CONFIGS = {
     ("fwd", 2): {128: (64, 32, 8, 2)},
-    ("bwd_preprocess", 2): {128: (64, 32, 8, 2), 256: (64, 32, 8, 1)},
-    ("bwd_dq", 2): {128: (64, 32, 8, 2)},
+    ("bwd_preprocess", 2): {128: (64, 32, 8, 2)},
+    ("bwd_dq", 2): {64: (64, 32, 8, 2), 128: (64, 32, 8, 2)},
     ("bwd_dkdv", 2): {32: (32, 64, 4, 2), 64: (32, 64, 8, 1), 128: (16, 64, 8, 2)},
     ("bwd_dmem", 2): {32: (32, 64, 4, 1), 64: (32, 64, 8, 1), 128: (16, 64, 8, 1)},
 }
@@ -157,7 +156,7 @@ def unsupported_reason(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, u
             t is not None and t.requires_grad for t in (q, k, v, mem_k, mem_v, weights))
         if needs_grad and not all(has_gpu_config(kind, q.dtype, D) for kind in BACKWARD_KINDS):
             return (f"no spill-free backward kernel configuration for {q.dtype} at head dim {D} "
-                    "(fp32 backward needs D <= 128)")
+                    "(the backward kernels need D <= 128)")
     elif q.device.type == "cpu":
         if not interpreting():
             return "CPU tensors need TRITON_INTERPRET=1"
@@ -410,7 +409,7 @@ def _signature(fn, dtype: str) -> dict:
 
 def compile_variants() -> list:
     """Every kernel x dtype (fp32/fp16/bf16) x D (32/64/128/256) that has a launch configuration
-    (all but the fp32 backward at D = 256) with that configuration; one variant per arch
+    (all but the backward at D = 256) with that configuration; one variant per arch
     (name suffix _sm80 / _sm90) where sm_90 has its own.
 
     Each variant has all paths on and RoPE: the largest code of its kernel.
