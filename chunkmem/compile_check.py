@@ -11,8 +11,9 @@ wgmma (Hopper warpgroup MMA) instructions in the PTX per variant and target (0 o
 sm_90, 0 means the dots run on the slower mma.sync path). Exits 1 on any compile error, any
 spill (STACK > 0) or shared memory above the target's per-block limit.
 
-Pointers are compiled as a launch sees 16-byte-aligned tensors (tt.divisibility 16), the case
-of every torch allocation; integer arguments get no divisibility hint.
+Each variant is compiled as launches specialize it: every pointer marked divisible by 16 (16-byte
+aligned tensors: every torch allocation), once with no hint on the integer arguments and once
+(row suffix " +i16") with all of them divisible by 16 (e.g. T a multiple of 16).
 Register allocation differs between Triton versions (each bundles its own ptxas): CI runs this
 check under the newest Triton and under Triton 3.6, the version of the GPU machine's image.
 """
@@ -73,18 +74,21 @@ def _res_usage(cubin: bytes) -> tuple[int, int]:
 
 def _compile_one(job):
     """Compile variant `index` of `module_name` for `arch`; returns a result row (dict)."""
-    module_name, index, arch = job
+    module_name, index, arch, int_hints = job
     import triton
     from triton.backends.compiler import GPUTarget
 
     v = _load_variants(module_name)[index]
-    row = dict(name=v["name"], arch=arch, reg=None, stack=None, smem=None, wgmma=None, error=None)
+    name = v["name"] + (" +i16" if int_hints else "")
+    row = dict(name=name, arch=arch, reg=None, stack=None, smem=None, wgmma=None, error=None)
     t0 = time.time()
     try:
         # As a launch with 16-byte-aligned tensors (any torch allocation) compiles it: Triton
-        # then marks every pointer argument divisible by 16, which changes the generated code.
+        # then marks every pointer argument divisible by 16, which changes the generated code;
+        # int_hints: also every integer argument, as when they are all multiples of 16.
         attrs = {(i,): [["tt.divisibility", 16]]
-                 for i, t in enumerate(v["signature"].values()) if t.startswith("*")}
+                 for i, t in enumerate(v["signature"].values())
+                 if t.startswith("*") or (int_hints and t[0] in "iu")}
         src = triton.compiler.ASTSource(fn=v["fn"], signature=v["signature"],
                                         constexprs=v["constexprs"], attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -117,8 +121,8 @@ def main(argv=None) -> int:
             continue
         for i, v in enumerate(variants):
             if args.filter in v["name"]:
-                jobs.extend((module_name, i, arch) for arch in args.arch
-                            if arch in v.get("archs", args.arch))
+                jobs.extend((module_name, i, arch, int_hints) for arch in args.arch
+                            if arch in v.get("archs", args.arch) for int_hints in (False, True))
     t0 = time.time()
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:

@@ -62,8 +62,9 @@ BACKWARD_KINDS = KERNEL_KINDS[1:]
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel kind, element size (2 or 4 bytes) and D.
 # BLOCK_M indexes queries, BLOCK_N keys (or memory slots). Every entry compiles for sm_80 and
 # sm_90 with no spill and shared memory under the sm_80/sm_90 limits (and under the 99 KB of
-# sm_86/sm_89), with Triton 3.6 (the GPU machine's) and with the newest Triton, as a launch on
-# 16-byte-aligned tensors compiles it (pointer alignment hints change the code, and the spills):
+# sm_86/sm_89), with Triton 3.6 (the GPU machine's) and with the newest Triton, as launches on
+# 16-byte-aligned tensors compile it, with and without the divisible-by-16 hints that integer
+# arguments such as T get (these hints change the code, and the spills):
 # `python -m chunkmem.compile_check` (.ci/run runs it under both). Found by compiling
 # candidates, not by timing (no GPU was available): the fused RoPE and the two online-softmax
 # states cost registers, so the tiles are smaller than a plain flash kernel's.
@@ -78,10 +79,10 @@ _GPU_CONFIGS = {
     ("bwd_preprocess", 2): {32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 16, 8, 2)},
     ("bwd_dq", 2): {32: (64, 32, 4, 2), 64: (16, 32, 4, 1), 128: (32, 32, 8, 2)},
     ("bwd_dkdv", 2): {32: (32, 32, 4, 2), 64: (32, 16, 8, 1), 128: (16, 16, 8, 1)},
-    ("bwd_dmem", 2): {32: (32, 32, 4, 1), 64: (32, 32, 8, 2), 128: (32, 32, 8, 2)},
+    ("bwd_dmem", 2): {32: (32, 32, 4, 1), 64: (32, 32, 8, 2), 128: (32, 32, 8, 1)},
     ("fwd", 4): {32: (16, 16, 4, 1), 64: (16, 16, 8, 1), 128: (16, 16, 4, 1), 256: (16, 16, 8, 1)},
     ("bwd_preprocess", 4): {32: (16, 16, 4, 1), 64: (16, 16, 8, 2), 128: (16, 16, 16, 2)},
-    ("bwd_dq", 4): {32: (16, 16, 4, 1), 64: (16, 16, 4, 2), 128: (16, 16, 16, 2)},
+    ("bwd_dq", 4): {32: (16, 16, 8, 1), 64: (16, 16, 8, 1), 128: (16, 16, 16, 2)},
     ("bwd_dkdv", 4): {32: (16, 16, 4, 2), 64: (16, 16, 8, 1), 128: (32, 32, 16, 1)},
     ("bwd_dmem", 4): {32: (16, 16, 4, 1), 64: (16, 16, 2, 1), 128: (16, 16, 8, 1)},
 }

@@ -90,17 +90,23 @@ def _launch_config(kernel: str, dtype: torch.dtype, d: int, rows: int = 1) -> di
     wide = 2 if dtype == torch.float32 else 1  # bytes relative to 16-bit
     # The tiles below were chosen by compiling for sm_80 and sm_90 with and without 16-byte
     # alignment of d and the pointers (unaligned loads are scalar and staged in registers, the
-    # worst case): none spills (cuobjdump STACK 0) and all stay far below the shared-memory cap.
+    # worst case), and with integer arguments that are multiples of 16, under Triton 3.9 and
+    # 3.6: none spills (cuobjdump STACK 0) and all stay far below the shared-memory cap.
     if kernel == "pool":
         return dict(BLOCK_T=16, BLOCK_D=_pow2(d, 16, 256), num_warps=4, num_stages=1)
     if kernel == "fwd":
         # Two (BLOCK_M, BLOCK_N) fp32 accumulators plus the scan's temporaries: 8 warps and a
         # narrow column block; fp32 runs single-stage (staged fp32 tiles spill). 16 or 64 rows:
         # 32-row fp32 tiles spilled a few bytes on some targets.
-        return dict(BLOCK_M=16 if rows <= 16 else 64, BLOCK_N=_pow2(d, 16, 32),
+        # d <= 16: 16 rows too (fp32 64 x 16 tiles put 8 bytes on the stack with some stage
+        # counts and integer hints; the tiny width makes the row count irrelevant to speed).
+        block_n = _pow2(d, 16, 32)
+        return dict(BLOCK_M=16 if rows <= 16 or block_n == 16 else 64, BLOCK_N=block_n,
                     BLOCK_K=_pow2(d, 16, 64 // wide), num_warps=8, num_stages=3 if wide == 1 else 1)
-    if kernel == "bwd_scan":
-        return dict(BLOCK_J=16, BLOCK_D=_pow2(d, 16, 64), num_warps=4, num_stages=1)
+    if kernel == "bwd_scan":  # a 16-column block is one warp's work (4 warps: 8 B of stack, sm_90)
+        block_d = _pow2(d, 16, 64)
+        return dict(BLOCK_J=16, BLOCK_D=block_d, num_warps=1 if block_d == 16 else 4,
+                    num_stages=1)
     if kernel == "dw":  # BLOCK_M: summary rows reduced over; BLOCK_N x BLOCK_K: the dW tile
         return dict(BLOCK_M=_pow2(rows, 16, 64), BLOCK_N=_pow2(d, 16, 64),
                     BLOCK_K=_pow2(d, 16, 64 // wide), num_warps=8, num_stages=2)
