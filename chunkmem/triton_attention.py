@@ -212,6 +212,22 @@ def _dot_precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _launch(kernel, kind, q, n, heads, *args, **constexprs):
+    """Launch `kernel`, of KERNEL_KINDS `kind`, with block_config's configuration for q's dtype,
+    head dim and device: grid (cdiv(n, block), B, heads), the block being BLOCK_N for the kernels
+    over key (or slot) blocks, which also take KEY_MAJOR, else BLOCK_M. HEAD_DIM, the block sizes
+    and DOT_PREC join the other constexprs."""
+    D = q.shape[-1]
+    cfg = block_config(kind, q.dtype, D, arch=_arch(q))
+    over_keys = kind in ("bwd_dkdv", "bwd_dmem")
+    if over_keys:
+        constexprs["KEY_MAJOR"] = cfg["KEY_MAJOR"]
+    grid = (triton_cdiv(n, cfg["BLOCK_N" if over_keys else "BLOCK_M"]), q.shape[0], heads)
+    kernel[grid](*args, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                 DOT_PREC=_dot_precision(q.dtype), **constexprs,
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
 def _forward_impl(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global, rope_base,
                   start_pos, scale):
     """Launch the forward kernel -> (out (B, H, Tq, D), lse (B, H, 3, Tq) fp32)."""
@@ -233,17 +249,13 @@ def _forward_impl(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_globa
     out = torch.empty_like(q)
     # Rows of paths that are off stay 0 (lse is an output of the torch.library op: no junk).
     lse = torch.zeros(B, H, 3, Tq, dtype=torch.float32, device=q.device)
-    cfg = block_config("fwd", q.dtype, D, arch=_arch(q))
     if out.numel() > 0:
-        hybrid_attention_fwd_kernel[(triton_cdiv(Tq, cfg["BLOCK_M"]), B, H)](
-            q, k, v, mem_k, mem_v, w, mem_len, _rope_step(D, rope_base, q.device), out, lse,
-            H, G, Tq, Tk, S, _chunk(chunk_size, Tk), int(start_pos),
-            float(scale) * math.log2(math.e),
-            HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            USE_GLOBAL=bool(use_global), HAS_CHUNK=has_chunk, HAS_MEM=has_mem,
-            ROPE=rope_base is not None, DOT_PREC=_dot_precision(q.dtype),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+        _launch(hybrid_attention_fwd_kernel, "fwd", q, Tq, H,
+                q, k, v, mem_k, mem_v, w, mem_len, _rope_step(D, rope_base, q.device), out, lse,
+                H, G, Tq, Tk, S, _chunk(chunk_size, Tk), int(start_pos),
+                float(scale) * math.log2(math.e),
+                USE_GLOBAL=bool(use_global), HAS_CHUNK=has_chunk, HAS_MEM=has_mem,
+                ROPE=rope_base is not None)
     return out, lse
 
 
@@ -298,10 +310,9 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, m, n
     mem_len = _mem_len_i32(mem_len, q.device)
     w = weights.detach().to(device=q.device, dtype=torch.float32).contiguous()
     rope_step = _rope_step(D, m["rope_base"], q.device)
-    arch = _arch(q)
     dout = dout.contiguous()
-    flags = dict(USE_GLOBAL=m["use_global"], HAS_CHUNK=m["has_chunk"])
-    prec = _dot_precision(q.dtype)
+    flags = dict(USE_GLOBAL=m["use_global"], HAS_CHUNK=m["has_chunk"],
+                 ROPE=m["rope_base"] is not None)
     qk_scale = m["scale"] * math.log2(math.e)
     run = dout.numel() > 0
     run_dq = run and (need[0] or need[5])  # the dq kernel also sums the derived path's DW
@@ -319,37 +330,23 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, m, n
     di = torch.zeros(B, H, 3, Tq, dtype=torch.float32, device=q.device)
     dw_rows = torch.zeros(B, H, 3, Tq, dtype=torch.float32, device=q.device)
     if run:
-        cfg = block_config("bwd_preprocess", q.dtype, D, arch=arch)
-        hybrid_attention_bwd_preprocess_kernel[(triton_cdiv(Tq, cfg["BLOCK_M"]), B, H)](
-            q, k, v, mem_k, mem_v, out.contiguous(), dout, w, mem_len, rope_step, lse, di,
-            dw_rows, H, G, Tq, Tk, S, m["C"], m["start_pos"], qk_scale,
-            HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            HAS_MEM=m["has_mem"], ROPE=m["rope_base"] is not None, DOT_PREC=prec, **flags,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        _launch(hybrid_attention_bwd_preprocess_kernel, "bwd_preprocess", q, Tq, H,
+                q, k, v, mem_k, mem_v, out.contiguous(), dout, w, mem_len, rope_step, lse, di,
+                dw_rows, H, G, Tq, Tk, S, m["C"], m["start_pos"], qk_scale,
+                HAS_MEM=m["has_mem"], **flags)
     if run_dq:
-        cfg = block_config("bwd_dq", q.dtype, D, arch=arch)
-        hybrid_attention_bwd_dq_kernel[(triton_cdiv(Tq, cfg["BLOCK_M"]), B, H)](
-            q, k, v, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, dw_rows, dq,
-            H, G, Tq, Tk, S, m["C"], m["start_pos"], qk_scale, m["scale"],
-            HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            HAS_MEM=m["has_mem"], ROPE=m["rope_base"] is not None, DOT_PREC=prec, **flags,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        _launch(hybrid_attention_bwd_dq_kernel, "bwd_dq", q, Tq, H,
+                q, k, v, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, dw_rows, dq,
+                H, G, Tq, Tk, S, m["C"], m["start_pos"], qk_scale, m["scale"],
+                HAS_MEM=m["has_mem"], **flags)
     if run_dkdv:
-        cfg = block_config("bwd_dkdv", q.dtype, D, arch=arch)
-        hybrid_attention_bwd_dkdv_kernel[(triton_cdiv(Tk, cfg["BLOCK_N"]), B, G)](
-            q, k, v, dout, w, rope_step, lse, di, dk, dv,
-            H, G, Tq, Tk, m["C"], m["start_pos"], qk_scale, m["scale"],
-            HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            ROPE=m["rope_base"] is not None, KEY_MAJOR=cfg["KEY_MAJOR"], DOT_PREC=prec, **flags,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        _launch(hybrid_attention_bwd_dkdv_kernel, "bwd_dkdv", q, Tk, G,
+                q, k, v, dout, w, rope_step, lse, di, dk, dv,
+                H, G, Tq, Tk, m["C"], m["start_pos"], qk_scale, m["scale"], **flags)
     if run_dmem:
-        cfg = block_config("bwd_dmem", q.dtype, D, arch=arch)
-        hybrid_attention_bwd_dmem_kernel[(triton_cdiv(S, cfg["BLOCK_N"]), B, G)](
-            q, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, dmk, dmv,
-            H, G, Tq, S, qk_scale, m["scale"],
-            HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            KEY_MAJOR=cfg["KEY_MAJOR"], DOT_PREC=prec,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        _launch(hybrid_attention_bwd_dmem_kernel, "bwd_dmem", q, S, G,
+                q, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, dmk, dmv,
+                H, G, Tq, S, qk_scale, m["scale"])
     dw = dw_rows.sum(dim=(0, 3)).to(weights.dtype) if need[5] else None  # (H, 3)
     return dq, dk, dv, dmk, dmv, dw
 

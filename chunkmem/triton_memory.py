@@ -216,7 +216,7 @@ class _GatedMemoryUpdate(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def _kernel_args(memory, x, w_gate, b_gate, w_cand, b_cand, mem_len):
+def _contiguous_inputs(memory, x, w_gate, b_gate, w_cand, b_cand, mem_len):
     """The six tensors contiguous, and mem_len as a contiguous int32 tensor (B,) on their device."""
     args = [t.contiguous() for t in (memory, x, w_gate, b_gate, w_cand, b_cand)]
     return args, mem_len.to(device=memory.device, dtype=torch.int32).contiguous()
@@ -237,7 +237,7 @@ def gated_memory_update_triton(memory, x, w_gate, b_gate, w_cand, b_cand, *, chu
     B, S, d = memory.shape
     n = -(-x.shape[1] // chunk_size)
     new_mem_len = torch.clamp(mem_len.to(device=memory.device, dtype=torch.int64) + n, max=S)
-    args, mem_len = _kernel_args(memory, x, w_gate, b_gate, w_cand, b_cand, mem_len)
+    args, mem_len = _contiguous_inputs(memory, x, w_gate, b_gate, w_cand, b_cand, mem_len)
     if torch.is_grad_enabled() and any(t.requires_grad for t in args):
         new_memory = _GatedMemoryUpdate.apply(*args, mem_len, chunk_size)
     else:
@@ -256,7 +256,7 @@ def gated_memory_update_triton_vjp(grad_new_memory, memory, x, w_gate, b_gate, w
     torch.library backward op): torch.func transforms cannot run the kernels, whose tensors must
     be plain.
     """
-    args, mem_len = _kernel_args(memory, x, w_gate, b_gate, w_cand, b_cand, mem_len)
+    args, mem_len = _contiguous_inputs(memory, x, w_gate, b_gate, w_cand, b_cand, mem_len)
     memory, x, w_gate, _, w_cand, _ = args
     _, (u, g, c, m) = _forward(*args, mem_len, chunk_size, store_ctx=True)
     return _backward(grad_new_memory, memory, w_gate, w_cand, mem_len, u, g, c, m, x.shape[1],
