@@ -9,7 +9,10 @@ arguments and converts them):
 - ``weights`` is a float tensor of shape (H, 3) holding (w_global, w_chunk, w_mem) per query head,
   with zeros for paths that are off;
 - ``mem_k``/``mem_v`` are None when there is no memory path; ``mem_len`` is then None, otherwise
-  an integer tensor of shape (B,).
+  an integer tensor of shape (B,);
+- the attention's ``start_pos`` is an int or an int64 tensor (B,), ``kv_start``/``kv_end`` are
+  None or int32 tensors (B,), ``cu_seqlens_q``/``cu_seqlens_k`` None or int32 tensors (N+1,)
+  (packed documents, B == 1, memory and start_pos per document), as SPEC §1b describes.
 """
 from __future__ import annotations
 
@@ -59,17 +62,55 @@ def _masked_softmax_attention(q, k, v, mask, scale):
     return torch.matmul(probs, v)
 
 
+def _as_row_tensor(x, B, default, device):
+    """None / int / (B,) tensor -> an int64 tensor (B,) on device."""
+    if x is None:
+        x = default
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.long).reshape(B)
+    return torch.full((B,), int(x), dtype=torch.long, device=device)
+
+
 def hybrid_attention_reference(
     q, k, v, mem_k, mem_v, weights, mem_len, *,
-    chunk_size, use_global, rope_base, start_pos, scale, compute_dtype=None,
+    chunk_size, use_global, rope_base, start_pos, scale,
+    kv_start=None, kv_end=None, cu_seqlens_q=None, cu_seqlens_k=None,
+    max_seqlen_q=None, max_seqlen_k=None, compute_dtype=None,
 ):
-    """Hybrid attention (SPEC §1) with dense masks.
+    """Hybrid attention (SPEC §1, §1b) with dense masks.
 
-    q: (B, H, Tq, D); k, v: (B, G, Tk, D); mem_k, mem_v: (B, G, S, D) or None;
-    weights: (H, 3); mem_len: (B,) int or None. Computes in ``compute_dtype`` (default: float64
-    for float64 inputs, float32 otherwise) and returns (B, H, Tq, D) in q's dtype.
+    q: (B, H, Tq, D); k, v: (B, G, Tk, D); mem_k, mem_v: (Bm, G, S, D) or None; weights: (H, 3);
+    mem_len: (Bm,) int or None; start_pos: int or int tensor (Bm,); kv_start, kv_end: None or
+    int tensors (B,); cu_seqlens_q, cu_seqlens_k: None or int tensors (N+1,) with B == 1 (packed
+    documents, Bm = N; each document is computed on its own, as a batch row of its own).
+    max_seqlen_q/max_seqlen_k are accepted and ignored. Computes in ``compute_dtype`` (default:
+    float64 for float64 inputs, float32 otherwise) and returns (B, H, Tq, D) in q's dtype.
     """
     compute_dtype = compute_dtype or _default_compute_dtype(q)
+    common = dict(chunk_size=chunk_size, use_global=use_global, rope_base=rope_base, scale=scale,
+                  compute_dtype=compute_dtype)
+    if cu_seqlens_q is None:
+        return _rows_reference(q, k, v, mem_k, mem_v, weights, mem_len, start_pos=start_pos,
+                               kv_start=kv_start, kv_end=kv_end, **common).to(q.dtype)
+    cu_q = [int(x) for x in cu_seqlens_q.cpu()]
+    cu_k = [int(x) for x in cu_seqlens_k.cpu()]
+    N = len(cu_q) - 1
+    starts = _as_row_tensor(start_pos, N, 0, q.device)
+    out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
+    for d in range(N):
+        q0, q1, k0, k1 = cu_q[d], cu_q[d + 1], cu_k[d], cu_k[d + 1]
+        if q1 == q0:
+            continue
+        mem = (None, None, None) if mem_k is None else (mem_k[d:d + 1], mem_v[d:d + 1], mem_len[d:d + 1])
+        out[:, :, q0:q1] = _rows_reference(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], *mem[:2],
+                                           weights, mem[2], start_pos=starts[d:d + 1],
+                                           kv_start=None, kv_end=None, **common)
+    return out.to(q.dtype)
+
+
+def _rows_reference(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_global, rope_base,
+                    start_pos, scale, kv_start, kv_end, compute_dtype):
+    """The per-row semantics of SPEC §1b with (B, Tq, Tk) masks; returns compute_dtype."""
     B, H, Tq, D = q.shape
     G, Tk = k.shape[1], k.shape[2]
     rep = H // G
@@ -80,22 +121,32 @@ def hybrid_attention_reference(
     w = weights.to(compute_dtype)
     out = torch.zeros(B, H, Tq, D, dtype=compute_dtype, device=dev)
 
-    key_idx = torch.arange(Tk, device=dev)
-    query_idx = torch.arange(Tq, device=dev) + (Tk - Tq)  # bottom-right aligned key index a_i
-    causal = key_idx[None, :] <= query_idx[:, None]  # (Tq, Tk)
+    lo = _as_row_tensor(kv_start, B, 0, dev)[:, None]  # (B, 1)
+    hi = _as_row_tensor(kv_end, B, Tk, dev)[:, None]
+    sp = _as_row_tensor(start_pos, B, 0, dev)[:, None]
+    key_idx = torch.arange(Tk, device=dev)[None, :]  # (1, Tk)
+    query_idx = hi - Tq + torch.arange(Tq, device=dev)[None, :]  # (B, Tq): key index a_i
+    key_pos = sp + key_idx - lo  # (B, Tk)
+    query_pos = sp + query_idx - lo  # (B, Tq)
+    real_query = query_idx >= lo  # (B, Tq): False for padding queries
+    valid_key = (key_idx >= lo) & (key_idx < hi)  # (B, Tk)
+    causal = (valid_key[:, None, :] & (key_idx[:, None, :] <= query_idx[:, :, None])
+              & real_query[:, :, None])  # (B, Tq, Tk)
 
     if use_global or chunk_size is not None:
         qr, kr = qc, kc
         if rope_base is not None:
-            cos, sin = rope_cos_sin(key_idx + start_pos, D, rope_base, compute_dtype)
-            qr = apply_rope(qc, cos[Tk - Tq:], sin[Tk - Tq:])
-            kr = apply_rope(kc, cos, sin)
+            cos_q, sin_q = rope_cos_sin(query_pos.reshape(-1), D, rope_base, compute_dtype)
+            cos_k, sin_k = rope_cos_sin(key_pos.reshape(-1), D, rope_base, compute_dtype)
+            qr = apply_rope(qc, cos_q.view(B, 1, Tq, -1), sin_q.view(B, 1, Tq, -1))
+            kr = apply_rope(kc, cos_k.view(B, 1, Tk, -1), sin_k.view(B, 1, Tk, -1))
         if use_global:
-            o_g = _masked_softmax_attention(qr, kr, vc, causal, scale)
+            o_g = _masked_softmax_attention(qr, kr, vc, causal[:, None], scale)
             out = out + w[:, 0].view(1, H, 1, 1) * o_g
         if chunk_size is not None:
-            same_chunk = (key_idx[None, :] // chunk_size) == (query_idx[:, None] // chunk_size)
-            o_c = _masked_softmax_attention(qr, kr, vc, causal & same_chunk, scale)
+            same_chunk = (torch.div(key_pos[:, None, :], chunk_size, rounding_mode="floor")
+                          == torch.div(query_pos[:, :, None], chunk_size, rounding_mode="floor"))
+            o_c = _masked_softmax_attention(qr, kr, vc, (causal & same_chunk)[:, None], scale)
             out = out + w[:, 1].view(1, H, 1, 1) * o_c
 
     if mem_k is not None:
@@ -104,9 +155,10 @@ def hybrid_attention_reference(
         mv = mem_v.to(compute_dtype).repeat_interleave(rep, dim=1)
         slot = torch.arange(S, device=dev)
         valid = slot[None, :] >= (S - mem_len.to(dev).long())[:, None]  # (B, S), right-aligned
-        o_m = _masked_softmax_attention(qc, mk, mv, valid[:, None, None, :], scale)
+        mask = valid[:, None, :] & real_query[:, :, None]  # (B, Tq, S)
+        o_m = _masked_softmax_attention(qc, mk, mv, mask[:, None], scale)
         out = out + w[:, 2].view(1, H, 1, 1) * o_m
-    return out.to(q.dtype)
+    return out
 
 
 def gated_memory_update_reference(

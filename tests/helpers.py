@@ -167,14 +167,15 @@ def rope_spec(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Te
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
-def causal_mask(Tq: int, Tk: int, chunk_size: Optional[int] = None) -> torch.Tensor:
-    """(Tq, Tk) bool: query i (key index Tk - Tq + i) sees key j <= that index, and with
-    ``chunk_size`` only keys in its own chunk (j // C == a_i // C)."""
+def causal_mask(Tq: int, Tk: int, chunk_size: Optional[int] = None, start_pos: int = 0) -> torch.Tensor:
+    """(Tq, Tk) bool: query i (key index a_i = Tk - Tq + i) sees key j <= a_i, and with
+    ``chunk_size`` only keys in its own chunk, counted by position:
+    (start_pos + j) // C == (start_pos + a_i) // C."""
     a = torch.arange(Tq)[:, None] + (Tk - Tq)
     j = torch.arange(Tk)[None, :]
     mask = j <= a
     if chunk_size is not None:
-        mask = mask & (j // chunk_size == a // chunk_size)
+        mask = mask & ((j + start_pos) // chunk_size == (a + start_pos) // chunk_size)
     return mask
 
 
@@ -199,7 +200,7 @@ def sdpa_oracle(case: AttnCase, t: dict) -> torch.Tensor:
         o = F.scaled_dot_product_attention(qr, kr, vv, attn_mask=causal_mask(Tq, Tk), scale=case.eff_scale)
         out = out + w[:, :, 0] * o
     if case.chunk_size is not None:
-        o = F.scaled_dot_product_attention(qr, kr, vv, attn_mask=causal_mask(Tq, Tk, case.chunk_size),
+        o = F.scaled_dot_product_attention(qr, kr, vv, attn_mask=causal_mask(Tq, Tk, case.chunk_size, case.start_pos),
                                            scale=case.eff_scale)
         out = out + w[:, :, 1] * o
     if S is not None:

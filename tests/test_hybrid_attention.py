@@ -260,13 +260,15 @@ def test_default_weights_are_equal_over_paths_on(backend):
 @pytest.mark.parametrize("Tq,Tk", [(12, 12), (3, 12)])
 def test_rope_invariant_to_start_pos(backend, Tq, Tk):
     """Global (and chunk) scores depend only on relative positions: shifting start_pos leaves
-    the output unchanged (fp32 tolerance; positions up to ~3000)."""
+    the output unchanged (fp32 tolerance; positions up to ~3000). Chunks are counted by
+    position, so with the chunk path on only shifts by whole chunks keep the same chunks."""
     case = AttnCase(H=4, G=2, Tq=Tq, Tk=Tk, D=16, chunk_size=5, rope_base=10000.0)
     t = make_attn_inputs(case, seed=4)
-    base = call_hybrid(case, t, backend)
-    for sp in (1, 17, 3001):
-        shifted = call_hybrid(case.replace(start_pos=sp), t, backend)
-        assert_close_tol(shifted, base, dict(atol=1e-4, rtol=1e-4), f"start_pos={sp}")
+    for c, shifts in ((case, (5, 20, 3000)), (case.replace(chunk_size=None), (1, 17, 3001))):
+        base = call_hybrid(c, t, backend)
+        for sp in shifts:
+            shifted = call_hybrid(c.replace(start_pos=sp), t, backend)
+            assert_close_tol(shifted, base, dict(atol=1e-4, rtol=1e-4), f"start_pos={sp}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
