@@ -23,15 +23,38 @@ import torch
 
 from chunkmem.backends import attention_backend, memory_update_backend
 
-__all__ = ["hybrid_attention_op", "gated_memory_update_op"]
+__all__ = ["hybrid_attention_op", "call_hybrid_attention_op", "gated_memory_update_op"]
+
+_N_TENSORS = 7  # q, k, v, mem_k, mem_v, weights, mem_len: the op's leading arguments
+_BACKEND = 12  # index of ``backend`` among the op's arguments
+
+
+def _v2_kwargs(start_pos, start_pos_t, kv_start, kv_end, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+               max_seqlen_k):
+    """The backends' keywords for the SPEC §1b arguments (start_pos: the tensor when given)."""
+    return dict(start_pos=start_pos if start_pos_t is None else start_pos_t, kv_start=kv_start,
+                kv_end=kv_end, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
 
 
 def _run(backend, q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global, rope_base,
-         start_pos, scale):
+         scale, v2):
     return attention_backend(backend)(
         q, k, v, mem_k, mem_v, weights, mem_len, chunk_size=chunk_size, use_global=use_global,
-        rope_base=rope_base, start_pos=start_pos, scale=scale,
+        rope_base=rope_base, scale=scale, **v2,
     )
+
+
+def call_hybrid_attention_op(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_global,
+                             rope_base, start_pos, scale, kv_start, kv_end, cu_seqlens_q,
+                             cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend):
+    """The custom op called with the backends' normalized keywords (start_pos an int or a
+    tensor, split here into the op's two arguments); returns the output alone."""
+    start_pos_t = start_pos if isinstance(start_pos, torch.Tensor) else None
+    return hybrid_attention_op(
+        q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global, rope_base,
+        0 if start_pos_t is not None else start_pos, scale, backend, start_pos_t, kv_start, kv_end,
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)[0]
 
 
 @torch.library.custom_op("chunkmem::hybrid_attention", mutates_args=())
@@ -39,26 +62,34 @@ def hybrid_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: Optional[torch.Tensor],
     mem_v: Optional[torch.Tensor], weights: torch.Tensor, mem_len: Optional[torch.Tensor],
     chunk_size: Optional[int], use_global: bool, rope_base: Optional[float], start_pos: int,
-    scale: float, backend: str,
+    scale: float, backend: str, start_pos_t: Optional[torch.Tensor] = None,
+    kv_start: Optional[torch.Tensor] = None, kv_end: Optional[torch.Tensor] = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalized arguments as in :mod:`chunkmem.reference`; ``backend`` already resolved.
+    ``start_pos_t``, when given, is the per-row start_pos tensor (then ``start_pos`` is unused):
+    the schema cannot take an int-or-tensor union.
 
     Returns (out (B, H, Tq, D), lse): lse is the Triton kernels' per-path log-sum-exp
     (B, H, 3, Tq) fp32 for ``backend="triton"``, an empty tensor for the other backends.
     """
+    v2 = _v2_kwargs(start_pos, start_pos_t, kv_start, kv_end, cu_seqlens_q, cu_seqlens_k,
+                    max_seqlen_q, max_seqlen_k)
     if backend == "triton":
         from chunkmem.triton_attention import hybrid_attention_triton_forward
 
         return hybrid_attention_triton_forward(
             q, k, v, mem_k, mem_v, weights, mem_len, chunk_size=chunk_size,
-            use_global=use_global, rope_base=rope_base, start_pos=start_pos, scale=scale)
+            use_global=use_global, rope_base=rope_base, scale=scale, **v2)
     out = _run(backend, q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global,
-               rope_base, start_pos, scale)
+               rope_base, scale, v2)
     return out.contiguous(), q.new_empty(0, dtype=torch.float32)
 
 
 @hybrid_attention_op.register_fake
-def _(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global, rope_base, start_pos, scale, backend):
+def _(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global, rope_base, start_pos, scale,
+      backend, *v2):
     B, H, Tq, _ = q.shape
     lse_shape = (B, H, 3, Tq) if backend == "triton" else (0,)
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
@@ -70,7 +101,10 @@ def hybrid_attention_backward_op(
     mem_k: Optional[torch.Tensor], mem_v: Optional[torch.Tensor], weights: torch.Tensor,
     mem_len: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
     chunk_size: Optional[int], use_global: bool, rope_base: Optional[float], start_pos: int,
-    scale: float, backend: str,
+    scale: float, backend: str, start_pos_t: Optional[torch.Tensor] = None,
+    kv_start: Optional[torch.Tensor] = None, kv_end: Optional[torch.Tensor] = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
 ) -> list[torch.Tensor]:
     """Gradients (dq, dk, dv, dmem_k, dmem_v, dweights); empty tensors stand for absent memory.
 
@@ -80,17 +114,19 @@ def hybrid_attention_backward_op(
     wrapped tensors, hence their autograd-free entry point).
     """
     has_mem = mem_k is not None
+    v2 = _v2_kwargs(start_pos, start_pos_t, kv_start, kv_end, cu_seqlens_q, cu_seqlens_k,
+                    max_seqlen_q, max_seqlen_k)
     if backend == "triton":
         from chunkmem.triton_attention import hybrid_attention_triton_backward
 
         dq, dk, dv, dmk, dmv, dw = hybrid_attention_triton_backward(
             grad_out, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, chunk_size=chunk_size,
-            use_global=use_global, rope_base=rope_base, start_pos=start_pos, scale=scale)
+            use_global=use_global, rope_base=rope_base, scale=scale, **v2)
     else:
         def forward(q, k, v, weights, *mem):
             mk, mv = mem if has_mem else (None, None)
             return _run(backend, q, k, v, mk, mv, weights, mem_len, chunk_size, use_global,
-                        rope_base, start_pos, scale)
+                        rope_base, scale, v2)
 
         primals = (q, k, v, weights) + ((mem_k, mem_v) if has_mem else ())
         _, vjp = torch.func.vjp(forward, *primals)
@@ -103,28 +139,31 @@ def hybrid_attention_backward_op(
 
 @hybrid_attention_backward_op.register_fake
 def _(grad_out, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, chunk_size, use_global,
-      rope_base, start_pos, scale, backend):
+      rope_base, start_pos, scale, backend, *v2):
     like = [q, k, v, mem_k, mem_v, weights]
     return [q.new_empty(0) if t is None else t.new_empty(t.shape) for t in like]
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.args = inputs[7:]  # the non-tensor arguments; tensors go through save_for_backward
+    # Tensors go through save_for_backward (the differentiable ones and the integer range
+    # tensors alike); ctx.args keeps the non-tensor arguments with None in the tensors' places.
+    ctx.args = [None if isinstance(a, torch.Tensor) else a for a in inputs[_N_TENSORS:]]
+    ctx.present = [isinstance(a, torch.Tensor) for a in inputs]
     # out and lse only where the backward starts from them (the Triton kernels): the other
     # backends recompute, and keeping out alive for them would cost its memory for nothing.
-    kept = output if inputs[-1] == "triton" else ()
-    ctx.save_for_backward(*(t for t in inputs[:7] if t is not None), *kept)
-    ctx.present = [t is not None for t in inputs[:7]]
+    kept = output if inputs[_BACKEND] == "triton" else ()
+    ctx.save_for_backward(*(a for a in inputs if isinstance(a, torch.Tensor)), *kept)
 
 
 def _backward(ctx, grad_out, _grad_lse):
     saved = iter(ctx.saved_tensors)
-    tensors = [next(saved) if present else None for present in ctx.present]
+    inputs = [next(saved) if present else None for present in ctx.present]
     out, lse = tuple(saved) or (grad_out.new_empty(0), grad_out.new_empty(0))
-    dq, dk, dv, dmk, dmv, dw = hybrid_attention_backward_op(grad_out, *tensors, out, lse,
-                                                            *ctx.args)
+    rest = [t if t is not None else a for t, a in zip(inputs[_N_TENSORS:], ctx.args)]
+    dq, dk, dv, dmk, dmv, dw = hybrid_attention_backward_op(grad_out, *inputs[:_N_TENSORS], out,
+                                                            lse, *rest)
     has_mem = ctx.present[3]
-    return (dq, dk, dv, dmk if has_mem else None, dmv if has_mem else None, dw) + (None,) * 7
+    return (dq, dk, dv, dmk if has_mem else None, dmv if has_mem else None, dw) + (None,) * len(rest) + (None,)
 
 
 hybrid_attention_op.register_autograd(_backward, setup_context=_setup_context)

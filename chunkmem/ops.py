@@ -57,22 +57,41 @@ def _require_int(name, x, minimum=None, allow_none=False):
         raise ValueError(f"{name} must be >= {minimum}, got {x}")
 
 
-def _check_mem_len(mem_len, B, S, device):
-    """Validate mem_len (None or int tensor (B,) in [0, S]); return it as an int tensor on device."""
+def _require_int_tensor(name, x, shape, layout, device, dtypes=None):
+    """x is an integer tensor of ``shape`` (described by ``layout``) on ``device``."""
+    _require_tensor(name, x)
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name} must be an int32 (or int64) tensor, got {x.dtype}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the inputs are on {device}")
+
+
+def _mem_len_tensor(mem_len, B, S, device, rows="B"):
+    """mem_len (None, an int, or an int tensor (B,)) -> int32 tensor (B,) on device.
+
+    Type, shape and device are checked here, the range of a tensor's values by the caller (it
+    needs the data); an int is checked against [0, S] here."""
     if mem_len is None:
         return torch.full((B,), S, dtype=torch.int32, device=device)
-    _require_tensor("mem_len", mem_len)
-    if mem_len.dtype.is_floating_point or mem_len.dtype.is_complex or mem_len.dtype == torch.bool:
-        raise TypeError(f"mem_len must be an integer tensor, got {mem_len.dtype}")
-    if tuple(mem_len.shape) != (B,):
-        raise ValueError(f"mem_len must have shape (B,) = ({B},), got {tuple(mem_len.shape)}")
-    if mem_len.device != device:
-        raise ValueError(f"mem_len is on {mem_len.device} but the inputs are on {device}")
-    if B > 0 and not torch.compiler.is_compiling():  # a value check would break the traced graph
-        lo, hi = (int(x) for x in torch.aminmax(mem_len))
-        if lo < 0 or hi > S:
-            raise ValueError(f"mem_len values must lie in [0, S] = [0, {S}], got min {lo}, max {hi}")
+    if isinstance(mem_len, bool):
+        raise TypeError("mem_len must be None, an int or an integer tensor, got bool")
+    if isinstance(mem_len, int):
+        if not 0 <= mem_len <= S:
+            raise ValueError(f"mem_len must lie in [0, S] = [0, {S}], got {mem_len}")
+        return torch.full((B,), mem_len, dtype=torch.int32, device=device)
+    if not isinstance(mem_len, torch.Tensor):
+        raise TypeError(f"mem_len must be None, an int or an integer tensor ({rows},), got {type(mem_len).__name__}")
+    _require_int_tensor("mem_len", mem_len, (B,), f"({rows},)", device)
     return mem_len.to(torch.int32)
+
+
+def _check_mem_len_values(lo, hi, S):
+    if lo < 0 or hi > S:
+        raise ValueError(f"mem_len values must lie in [0, S] = [0, {S}], got min {lo}, max {hi}")
 
 
 def _warn_once(message):
@@ -132,27 +151,49 @@ def _normalize_weights(weights, H, paths_on, device):
 def hybrid_attention(
     q, k, v, mem_k=None, mem_v=None, *,
     weights=None, chunk_size=None, use_global=True, mem_len=None, rope_base=None, start_pos=0,
-    scale=None, backend="auto",
+    scale=None, kv_start=None, kv_end=None, cu_seqlens_q=None, cu_seqlens_k=None,
+    max_seqlen_q=None, max_seqlen_k=None, backend="auto",
 ):
-    """Hybrid global + chunked + memory attention (SPEC §1), in PyTorch's SDPA layout.
+    """Hybrid global + chunked + memory attention (SPEC §1, §1b), in PyTorch's SDPA layout.
 
     Args:
-        q: (B, H, Tq, D) queries. k, v: (B, G, Tk, D) keys/values, H % G == 0, Tq <= Tk; query i
-            sits at key index Tk - Tq + i (bottom-right alignment, so decoding is Tq = 1).
-        mem_k, mem_v: (B, G, S, D) memory keys/values or None (no memory path). S = 0 is allowed:
-            the path is then on (it takes its share of default weights) but contributes 0.
+        q: (B, H, Tq, D) queries. k, v: (B, G, Tk, D) keys/values, H % G == 0, 1 <= Tq <= Tk;
+            query i sits at key index kv_end[b] - Tq + i (bottom-right alignment, so decoding is
+            Tq = 1).
+        mem_k, mem_v: (B, G, S, D) memory keys/values ((N, G, S, D) with packed documents) or
+            None (no memory path). S = 0 is allowed: the path is then on (it takes its share of
+            default weights) but contributes 0.
         weights: (3,) or (H, 3) = (w_global, w_chunk, w_mem), a tensor (differentiable) or a
             sequence; None -> equal weights over the paths that are on. Weights of off paths are
             ignored.
-        chunk_size: int >= 1 or None (no chunk path). use_global: False skips the global path.
-        mem_len: None (all S slots valid) or int tensor (B,) in [0, S]; valid slots are the last
-            mem_len[b]. A row with none gives 0 from the memory path. (Under torch.compile the
-            range of its values is not checked: that would need a device sync and a graph break.)
+        chunk_size: int >= 1 or None (no chunk path); chunks are counted by position (key j of
+            row b is in chunk (start_pos[b] + j - kv_start[b]) // chunk_size).
+        use_global: False skips the global path.
+        mem_len: None (all S slots valid), an int (the same for every row) or an int tensor (B,)
+            ((N,) with packed documents), in [0, S]; valid slots are the last mem_len[b]. A row
+            with none gives 0 from the memory path.
         rope_base: None (no rotation) or float; RoPE on q/k of the global and chunk paths only.
-        start_pos: absolute position of key 0 (RoPE only). scale: None -> 1/sqrt(D).
+        start_pos: int >= 0, or an int tensor (B,) ((N,) with packed documents) >= 0: the
+            position of each row's first valid key (RoPE and chunk boundaries).
+        scale: None -> 1/sqrt(D).
+        kv_start, kv_end: None or int tensors (B,) with 0 <= kv_start <= kv_end <= Tk: row b's
+            valid keys are kv_start[b] <= j < kv_end[b] (a missing one defaults to 0 / Tk). A
+            query with kv_end[b] - Tq + i < kv_start[b] is padding: its output is 0.
+        cu_seqlens_q, cu_seqlens_k: packed documents (both or neither; B must be 1, no
+            kv_start/kv_end): int32 (int64 accepted) tensors (N+1,), non-decreasing from 0 to Tq
+            (resp. Tk); document d owns queries cu_seqlens_q[d]:cu_seqlens_q[d+1] and keys
+            cu_seqlens_k[d]:cu_seqlens_k[d+1], at most as many queries as keys, and is computed
+            as a batch row of its own (memory row d, start_pos[d]).
+        max_seqlen_q, max_seqlen_k: optional ints with cu_seqlens, >= the longest document's
+            query (resp. key) count; computed when None.
         backend: "auto" (CUDA -> "triton", CPU -> "torch"), "triton", "torch" or "reference".
             A call the kernels do not cover falls back to "torch" with a one-time warning, for
             "triton" too. Every backend is deterministic (the kernels use no atomics).
+
+    Checks that need tensor values (the ranges of mem_len, kv_start/kv_end, start_pos and
+    cu_seqlens, and computing max_seqlen_*) are batched into one device-to-host transfer per
+    call in eager mode. Under torch.compile they are skipped (a sync would break the traced
+    graph): the values are then the caller's to get right, and max_seqlen_* default to Tq / Tk.
 
     Returns:
         (B, H, Tq, D) in q's dtype.
@@ -176,20 +217,27 @@ def hybrid_attention(
         raise ValueError(f"q must have Tq >= 1 and D >= 1, got shape {tuple(q.shape)}")
     if Tq > Tk:
         raise ValueError(f"q has Tq={Tq} queries but k/v only Tk={Tk} keys; Tq <= Tk is required")
+    dev = q.device
+
+    packed = _check_packing(cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_q,
+                            max_seqlen_k, B, dev)
+    rows, n_rows = ("N", cu_seqlens_q.shape[0] - 1) if packed else ("B", B)
 
     if (mem_k is None) != (mem_v is None):
         raise ValueError("mem_k and mem_v must be given together (both tensors or both None)")
+    mem_len_given = isinstance(mem_len, torch.Tensor)
     if mem_k is not None:
         for name, t in (("mem_k", mem_k), ("mem_v", mem_v)):
             _require_tensor(name, t)
-            _require_rank(name, t, 4, "(B, G, S, D)")
+            _require_rank(name, t, 4, f"({rows}, G, S, D)")
         _require_same({"q": q, "mem_k": mem_k, "mem_v": mem_v}, "q")
         if mem_k.shape != mem_v.shape:
             raise ValueError(f"mem_k and mem_v must have the same shape, got {tuple(mem_k.shape)} and {tuple(mem_v.shape)}")
-        if (mem_k.shape[0], mem_k.shape[1], mem_k.shape[3]) != (B, G, D):
-            raise ValueError(f"mem_k/mem_v must have shape (B, G, S, D) = ({B}, {G}, S, {D}), got {tuple(mem_k.shape)}")
+        if (mem_k.shape[0], mem_k.shape[1], mem_k.shape[3]) != (n_rows, G, D):
+            raise ValueError(f"mem_k/mem_v must have shape ({rows}, G, S, D) = ({n_rows}, {G}, S, {D}), "
+                             f"got {tuple(mem_k.shape)}")
         S = mem_k.shape[2]
-        mem_len = _check_mem_len(mem_len, B, S, q.device)
+        mem_len = _mem_len_tensor(mem_len, n_rows, S, dev, rows)
     elif mem_len is not None:
         raise ValueError("mem_len was given without mem_k/mem_v")
 
@@ -202,7 +250,14 @@ def hybrid_attention(
         if D % 2:
             raise ValueError(f"RoPE needs an even head dim D, got D={D}")
         rope_base = float(rope_base)
-    _require_int("start_pos", start_pos)
+    if isinstance(start_pos, torch.Tensor):
+        _require_int_tensor("start_pos", start_pos, (n_rows,), f"({rows},)", dev)
+        start_pos = start_pos.to(torch.int64)
+    else:
+        _require_int("start_pos", start_pos, minimum=0)
+    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
+        if t is not None:
+            _require_int_tensor(name, t, (B,), "(B,)", dev)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -210,19 +265,132 @@ def hybrid_attention(
     paths_on = (float(use_global), float(chunk_size is not None), float(mem_k is not None))
     if not any(paths_on):
         raise ValueError("no attention path is on: set use_global=True, a chunk_size, or pass mem_k/mem_v")
-    weights = _normalize_weights(weights, H, paths_on, q.device)
+    weights = _normalize_weights(weights, H, paths_on, dev)
+
+    if kv_start is not None or kv_end is not None:
+        kv_start = (torch.zeros(B, dtype=torch.int32, device=dev) if kv_start is None
+                    else kv_start.to(torch.int32))
+        kv_end = torch.full((B,), Tk, dtype=torch.int32, device=dev) if kv_end is None else kv_end.to(torch.int32)
+    if packed:
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+    if not torch.compiler.is_compiling():
+        values = _check_values(Tq, Tk, mem_len if mem_len_given else None,
+                               mem_k.shape[2] if mem_k is not None else 0, start_pos, kv_start,
+                               kv_end, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        if values.get("all_keys_valid"):
+            kv_start = kv_end = None  # every row sees all Tk keys: the v1 fast path
+        max_seqlen_q = values.get("max_seqlen_q", max_seqlen_q)
+        max_seqlen_k = values.get("max_seqlen_k", max_seqlen_k)
+    elif packed:
+        max_seqlen_q = Tq if max_seqlen_q is None else max_seqlen_q
+        max_seqlen_k = Tk if max_seqlen_k is None else max_seqlen_k
 
     if mem_k is not None and mem_k.shape[2] == 0:  # an empty memory contributes exactly 0
         mem_k = mem_v = mem_len = None
     args = (q, k, v, mem_k, mem_v, weights, mem_len)
     kwargs = dict(chunk_size=chunk_size, use_global=use_global, rope_base=rope_base,
-                  start_pos=start_pos, scale=float(scale))
-    name = _resolve_backend(backend, q.device, triton_attention_module, args, kwargs)
+                  start_pos=start_pos, scale=float(scale), kv_start=kv_start, kv_end=kv_end,
+                  cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    name = _resolve_backend(backend, dev, triton_attention_module, args, kwargs)
     if torch.compiler.is_compiling():
-        from chunkmem.library import hybrid_attention_op
+        from chunkmem.library import call_hybrid_attention_op
 
-        return hybrid_attention_op(*args, **kwargs, backend=name)[0]
+        return call_hybrid_attention_op(*args, **kwargs, backend=name)
     return attention_backend(name)(*args, **kwargs)
+
+
+def _check_packing(cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_q, max_seqlen_k, B, device):
+    """Type/shape checks of the packed-document arguments; returns whether the call is packed."""
+    if cu_seqlens_q is None and cu_seqlens_k is None:
+        for name, x in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if x is not None:
+                raise ValueError(f"{name} is only used with cu_seqlens_q/cu_seqlens_k (packed documents)")
+        return False
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together (both tensors or both None)")
+    for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        _require_tensor(name, x)
+        if x.dim() != 1 or x.shape[0] < 2:
+            raise ValueError(f"{name} must have shape (N+1,) with N >= 1 documents, got {tuple(x.shape)}")
+        _require_int_tensor(name, x, x.shape, "(N+1,)", device, dtypes=(torch.int32, torch.int64))
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have shape (N+1,), got "
+                         f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    if B != 1:
+        raise ValueError(f"with cu_seqlens_q/cu_seqlens_k (packed documents) the batch size B must be 1, got B={B}")
+    if kv_start is not None or kv_end is not None:
+        raise ValueError("kv_start/kv_end cannot be combined with cu_seqlens_q/cu_seqlens_k "
+                         "(each packed document already has its own key range)")
+    for name, x in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        _require_int(name, x, minimum=0, allow_none=True)
+    return True
+
+
+def _check_values(Tq, Tk, mem_len, S, start_pos, kv_start, kv_end, cu_q, cu_k, max_seqlen_q,
+                  max_seqlen_k) -> dict:
+    """The checks that need tensor values, with ONE device-to-host transfer for all of them.
+
+    Returns {"all_keys_valid": every row's range is (0, Tk)} with kv ranges, and the longest
+    document's query/key counts {"max_seqlen_q", "max_seqlen_k"} with cu_seqlens.
+    """
+    stats = {}  # name -> 0-dim int64 tensor
+
+    def add(name, x):
+        stats[name] = x.to(torch.int64)
+
+    if mem_len is not None and mem_len.numel():
+        add("mem_len_min", mem_len.min())
+        add("mem_len_max", mem_len.max())
+    if isinstance(start_pos, torch.Tensor) and start_pos.numel():
+        add("start_pos_min", start_pos.min())
+    if kv_start is not None and kv_start.numel():
+        add("kv_start_min", kv_start.min())
+        add("kv_start_max", kv_start.max())
+        add("kv_len_min", (kv_end - kv_start).min())
+        add("kv_end_min", kv_end.min())
+        add("kv_end_max", kv_end.max())
+    if cu_q is not None:
+        for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+            add(name + "_first", cu[0])
+            add(name + "_last", cu[-1])
+            add(name + "_step_min", (cu[1:] - cu[:-1]).min())
+            add(name + "_step_max", (cu[1:] - cu[:-1]).max())
+        add("doc_keys_minus_queries_min", ((cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1])).min())
+    if not stats:
+        return {}
+    got = dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # the one sync
+
+    if "mem_len_min" in got:
+        _check_mem_len_values(got["mem_len_min"], got["mem_len_max"], S)
+    if got.get("start_pos_min", 0) < 0:
+        raise ValueError(f"start_pos values must be >= 0, got min {got['start_pos_min']}")
+    out = {}
+    if "kv_start_min" in got:
+        if got["kv_start_min"] < 0:
+            raise ValueError(f"kv_start values must be >= 0, got min {got['kv_start_min']}")
+        if got["kv_end_max"] > Tk:
+            raise ValueError(f"kv_end values must be <= Tk = {Tk}, got max {got['kv_end_max']}")
+        if got["kv_len_min"] < 0:
+            raise ValueError(f"kv_start must be <= kv_end in every row, got kv_end - kv_start = "
+                             f"{got['kv_len_min']} in some row")
+        out["all_keys_valid"] = got["kv_start_max"] == 0 and got["kv_end_min"] == Tk
+    if cu_q is not None:
+        for name, total, limit in (("cu_seqlens_q", Tq, max_seqlen_q), ("cu_seqlens_k", Tk, max_seqlen_k)):
+            first, last = got[name + "_first"], got[name + "_last"]
+            if first != 0 or last != total:
+                raise ValueError(f"{name} must run from 0 to the packed length {total}, got {first} .. {last}")
+            if got[name + "_step_min"] < 0:
+                raise ValueError(f"{name} must be non-decreasing")
+            longest = got[name + "_step_max"]
+            short = "max_seqlen_" + name[-1]
+            if limit is not None and limit < longest:
+                raise ValueError(f"{short}={limit} is less than the longest document ({longest})")
+            out[short] = longest if limit is None else limit
+        if got["doc_keys_minus_queries_min"] < 0:
+            raise ValueError("every packed document needs at least as many keys as queries "
+                             "(cu_seqlens_q step <= cu_seqlens_k step)")
+    return out
 
 
 # ----------------------------------------------------------------------------- memory update
@@ -236,8 +404,9 @@ def gated_memory_update(
         x: (B, T, d), T >= 1: the states of the segment to write.
         w_gate, w_cand: (d, d); b_gate, b_cand: (d,).
         chunk_size: int >= 1, tokens averaged into one summary (n = ceil(T / chunk_size)).
-        mem_len: None (all S slots valid) or int tensor (B,) in [0, S]. (Under torch.compile the
-            range of its values is not checked, as for :func:`hybrid_attention`.)
+        mem_len: None (all S slots valid), an int (the same for every row) or an int tensor (B,),
+            in [0, S]. Checking a tensor's values reads it to the host (one device sync in eager
+            mode); under torch.compile they are not checked, as for :func:`hybrid_attention`.
         backend: "auto" | "triton" | "torch" | "reference".
 
     Returns:
@@ -266,7 +435,10 @@ def gated_memory_update(
         if tuple(named[name].shape) != (d,):
             raise ValueError(f"{name} must have shape (d,) = ({d},), got {tuple(named[name].shape)}")
     _require_int("chunk_size", chunk_size, minimum=1)
-    mem_len = _check_mem_len(mem_len, B, S, memory.device)
+    given = isinstance(mem_len, torch.Tensor)
+    mem_len = _mem_len_tensor(mem_len, B, S, memory.device)
+    if given and B > 0 and not torch.compiler.is_compiling():  # a value check needs the data
+        _check_mem_len_values(*(int(x) for x in torch.aminmax(mem_len)), S)
 
     args = (memory, x, w_gate, b_gate, w_cand, b_cand)
     kwargs = dict(chunk_size=chunk_size, mem_len=mem_len)

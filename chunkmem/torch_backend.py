@@ -5,14 +5,19 @@ cost and memory linear in T where the math allows it:
 
 - global: SDPA with a causal mask (``is_causal`` when Tq == Tk, the lower-right ``CausalBias``
   for Tq < Tk, i.e. bottom-right alignment) — the fused SDPA kernels keep only O(T) statistics;
-- chunk: keys and queries are cut into the non-overlapping chunks of ``chunk_size`` keys and
-  stacked into the batch dimension, then causal SDPA runs inside each chunk: O(T * C) work;
+- chunk: keys and queries are cut into the non-overlapping chunks of ``chunk_size`` positions
+  (counted from position 0, so with start_pos % chunk_size != 0 the first chunk is partial) and
+  folded into the head dimension, then causal SDPA runs inside each chunk: O(T * C) work;
 - memory: SDPA of the un-rotated queries against the S slots with a (B, 1, 1, S) validity mask.
 
 On CPU, fp16/bf16 inputs are computed in fp32 (statistics and accumulation in fp32, as SPEC §1
 asks); on CUDA each path runs SDPA in the input dtype (its kernels accumulate in fp32) and the
 weighted sum of the paths is taken in fp32. The output is cast back to the input dtype. The
 memory update always computes in fp32 (float64 stays float64).
+
+Padded rows (kv_start/kv_end), packed documents (cu_seqlens) and per-row start_pos read their
+ranges to the host once per call and run each row or document on its valid tokens alone, so
+their cost is that of the valid tokens.
 
 The gated memory update runs its recurrence as a parallel (Hillis–Steele) associative scan over
 the n chunk summaries: m_j = a_j * m_{j-1} + b_j composes as (a, b) pairs, so log2(n) vectorised
@@ -48,8 +53,9 @@ def _causal_sdpa(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-def _chunk_attention(q, k, v, chunk_size, scale):
-    """Causal attention inside non-overlapping key chunks of ``chunk_size`` (bottom-right aligned).
+def _aligned_chunk_attention(q, k, v, chunk_size, scale):
+    """Causal attention inside non-overlapping key chunks of ``chunk_size`` that start at key 0
+    (bottom-right aligned).
 
     q: (B, H, Tq, D); k, v: (B, G, Tk, D) -> (B, H, Tq, D). Only the chunks that hold a query are
     computed: the query block is padded in front to the start of its first chunk, and both sides
@@ -81,6 +87,25 @@ def _chunk_attention(q, k, v, chunk_size, scale):
     return o.reshape(B, H, n_chunks * C, D)[:, :, lead: lead + Tq]
 
 
+def _chunk_attention(q, k, v, chunk_size, scale, start_pos):
+    """Chunk path with chunks counted by position: key j (position start_pos + j) is in chunk
+    (start_pos + j) // chunk_size, so the first chunk boundary is at key index
+    b0 = (-start_pos) % chunk_size. The keys before b0 (a partial first chunk) and the queries
+    sitting on them are one causal block; the rest is chunked from b0 by
+    :func:`_aligned_chunk_attention`. Both sides stay bottom-right aligned."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    b0 = min((-start_pos) % chunk_size, Tk)
+    if b0 == 0:
+        return _aligned_chunk_attention(q, k, v, chunk_size, scale)
+    n1 = min(max(b0 - (Tk - Tq), 0), Tq)  # queries whose key index is < b0
+    parts = []
+    if n1:
+        parts.append(_causal_sdpa(q[:, :, :n1], k[:, :, :b0], v[:, :, :b0], scale))
+    if n1 < Tq:
+        parts.append(_aligned_chunk_attention(q[:, :, n1:], k[:, :, b0:], v[:, :, b0:], chunk_size, scale))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
 def _memory_attention(q, mem_k, mem_v, mem_len, scale):
     """Attention of q (B, H, Tq, D) over the last mem_len[b] of the S slots of mem_k/mem_v (B, G, S, D).
 
@@ -100,12 +125,34 @@ def _memory_attention(q, mem_k, mem_v, mem_len, scale):
 def hybrid_attention_torch(
     q, k, v, mem_k, mem_v, weights, mem_len, *,
     chunk_size, use_global, rope_base, start_pos, scale,
+    kv_start=None, kv_end=None, cu_seqlens_q=None, cu_seqlens_k=None,
+    max_seqlen_q=None, max_seqlen_k=None,
 ):
-    """Hybrid attention (SPEC §1), blockwise. Arguments in the normalized form of :mod:`chunkmem.ops`.
+    """Hybrid attention (SPEC §1, §1b), blockwise. Arguments in the normalized form of
+    :mod:`chunkmem.ops`.
 
-    q: (B, H, Tq, D); k, v: (B, G, Tk, D); mem_k, mem_v: (B, G, S, D) or None; weights: (H, 3);
-    mem_len: (B,) int or None. Returns (B, H, Tq, D) in q's dtype.
+    q: (B, H, Tq, D); k, v: (B, G, Tk, D); mem_k, mem_v: (Bm, G, S, D) or None; weights: (H, 3);
+    mem_len: (Bm,) int or None; start_pos: int or int tensor (Bm,); kv_start/kv_end: None or int
+    tensors (B,); cu_seqlens_q/cu_seqlens_k: None or int tensors (N+1,) (B == 1, Bm = N).
+    Returns (B, H, Tq, D) in q's dtype.
+
+    With ranges, packed documents or a start_pos tensor, the ranges are read to the host once
+    (one device sync) and each row / document runs alone on its valid keys and non-padding
+    queries (rows with the same range and start_pos together), so a padded or packed call costs
+    what its valid tokens cost; padding queries get exact zeros. max_seqlen_* are not needed.
     """
+    run = dict(chunk_size=chunk_size, use_global=use_global, rope_base=rope_base, scale=scale)
+    if cu_seqlens_q is not None:
+        return _packed(q, k, v, mem_k, mem_v, weights, mem_len, start_pos, cu_seqlens_q,
+                       cu_seqlens_k, run)
+    if kv_start is None and not isinstance(start_pos, torch.Tensor):
+        return _hybrid_dense(q, k, v, mem_k, mem_v, weights, mem_len, start_pos=start_pos, **run)
+    return _ranged(q, k, v, mem_k, mem_v, weights, mem_len, start_pos, kv_start, kv_end, run)
+
+
+def _hybrid_dense(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_global, rope_base,
+                  start_pos, scale):
+    """Every key valid, one int start_pos for all rows (the v1 layout)."""
     H, Tq, D = q.shape[1], q.shape[2], q.shape[3]
     Tk = k.shape[2]
     cdt = _compute_dtype(q)
@@ -124,11 +171,73 @@ def hybrid_attention_torch(
         if use_global:
             out = out + w[:, :, 0] * _causal_sdpa(qr, kr, vc, scale)
         if chunk_size is not None:
-            out = out + w[:, :, 1] * _chunk_attention(qr, kr, vc, chunk_size, scale)
+            out = out + w[:, :, 1] * _chunk_attention(qr, kr, vc, chunk_size, scale, start_pos)
     if mem_k is not None:
         o_m = _memory_attention(qc, mem_k.to(cdt), mem_v.to(cdt), mem_len, scale)
         out = out + w[:, :, 2] * o_m
     return out.to(q.dtype)
+
+
+def _memory_rows(mem_k, mem_v, mem_len, rows):
+    """mem_k, mem_v, mem_len restricted to ``rows`` (a slice or an index tensor), or Nones."""
+    if mem_k is None:
+        return None, None, None
+    return mem_k[rows], mem_v[rows], mem_len[rows]
+
+
+def _ranged(q, k, v, mem_k, mem_v, weights, mem_len, start_pos, kv_start, kv_end, run):
+    """Per-row key ranges and/or per-row start_pos: one host sync, then one dense call per group
+    of rows sharing (kv_start, kv_end, start_pos), on their valid keys and real queries only."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    cols = []
+    if kv_start is not None:
+        cols += [kv_start.long(), kv_end.long()]
+    if isinstance(start_pos, torch.Tensor):
+        cols.append(start_pos.long())
+    host = torch.stack(cols, dim=1).tolist() if cols else [[] for _ in range(B)]  # the one sync
+    groups: dict[tuple, list[int]] = {}
+    for b, row in enumerate(host):
+        lo, hi = (row[0], row[1]) if kv_start is not None else (0, Tk)
+        sp = row[-1] if isinstance(start_pos, torch.Tensor) else start_pos
+        groups.setdefault((lo, hi, sp), []).append(b)
+    if len(groups) == 1 and next(iter(groups))[:2] == (0, Tk):  # one group, every key valid
+        return _hybrid_dense(q, k, v, mem_k, mem_v, weights, mem_len, start_pos=next(iter(groups))[2], **run)
+    out = q.new_zeros(q.shape)
+    for (lo, hi, sp), rows in groups.items():
+        n = min(Tq, hi - lo)  # the real queries: the last n
+        if n == 0:
+            continue
+        idx = torch.tensor(rows, device=q.device) if len(rows) < B else slice(None)
+        mk, mv, ml = _memory_rows(mem_k, mem_v, mem_len, idx)
+        o = _hybrid_dense(q[idx][:, :, Tq - n:], k[idx][:, :, lo:hi], v[idx][:, :, lo:hi], mk, mv,
+                          weights, ml, start_pos=sp, **run)
+        if n < Tq:
+            o = F.pad(o, (0, 0, Tq - n, 0))
+        if isinstance(idx, slice):
+            return o
+        out = out.index_copy(0, idx, o)
+    return out
+
+
+def _packed(q, k, v, mem_k, mem_v, weights, mem_len, start_pos, cu_seqlens_q, cu_seqlens_k, run):
+    """Packed documents (B == 1): one host sync, then one dense call per document with queries."""
+    N = cu_seqlens_q.shape[0] - 1
+    cols = [cu_seqlens_q.long(), cu_seqlens_k.long()]
+    if isinstance(start_pos, torch.Tensor):
+        cols.append(start_pos.long())
+    host = torch.cat(cols).tolist()  # the one sync
+    cu_q, cu_k = host[:N + 1], host[N + 1: 2 * N + 2]
+    starts = host[2 * N + 2:] if isinstance(start_pos, torch.Tensor) else [start_pos] * N
+    parts = []
+    for d in range(N):
+        q0, q1, k0, k1 = cu_q[d], cu_q[d + 1], cu_k[d], cu_k[d + 1]
+        if q1 == q0:
+            continue
+        mk, mv, ml = _memory_rows(mem_k, mem_v, mem_len, slice(d, d + 1))
+        parts.append(_hybrid_dense(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], mk, mv, weights,
+                                   ml, start_pos=starts[d], **run))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def gated_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
