@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from chunkmem import data
 from chunkmem.baselines import CausalTransformer
-from chunkmem.data import (BLOCK_FILL, QUERY, RecallSpec, list_stdlib_files, recall_document,
-                           segment_arrays, split_of, stdlib_documents, text_stream)
 from chunkmem.nn import ChunkMemLM
-from chunkmem.train import (Trainer, evaluate_recall, evaluate_text, make_config, recall_eval_documents,
-                            run_segments)
+from chunkmem.training import data
+from chunkmem.training import (Trainer, evaluate_recall, evaluate_text, make_config, recall_eval_documents,
+                               run_segments)
+from chunkmem.training.data import (BLOCK_FILL, QUERY, RecallSpec, list_stdlib_files, recall_document,
+                                    segment_arrays, split_of, stdlib_documents, text_stream)
 
 
 @pytest.fixture(scope="module")
