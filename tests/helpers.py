@@ -218,6 +218,51 @@ def sdpa_oracle(case: AttnCase, t: dict) -> torch.Tensor:
     return out
 
 
+def ranged_sdpa_oracle(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_global,
+                       rope_base, scale, start_pos, kv_start, kv_end) -> torch.Tensor:
+    """SPEC §1b written out with explicit per-row masks and SDPA, in float64 (independent of
+    chunkmem). start_pos, kv_start, kv_end: Python lists (B,); weights: (H, 3) (off paths 0);
+    mem_len: list (B,) or None. Row b: valid keys kv_start <= j < kv_end, query i at key index
+    a_i = kv_end - Tq + i, key j at position start_pos + j - kv_start; a query with
+    a_i < kv_start is padding (output 0 on every path). Returns (B, H, Tq, D) float64."""
+    B, H, Tq, D = q.shape
+    G, Tk = k.shape[1], k.shape[2]
+    rep = H // G
+    q, k, v = (x.to(torch.float64) for x in (q, k, v))
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    w = weights.to(torch.float64)
+    rows = []
+    for b in range(B):
+        lo, hi, sp = kv_start[b], kv_end[b], start_pos[b]
+        a = hi - Tq + torch.arange(Tq)[:, None]  # (Tq, 1) key index of each query
+        j = torch.arange(Tk)[None, :]
+        real = (a >= lo).to(torch.float64)  # (Tq, 1)
+        mask = (j >= lo) & (j < hi) & (j <= a)
+        open_mask = mask | (a < lo)  # padding queries: any finite row, zeroed below
+        qb, kb = q[b], k[b]
+        if rope_base is not None:
+            qb = rope_spec(qb, sp + a[:, 0] - lo, rope_base)
+            kb = rope_spec(kb, sp + j[0] - lo, rope_base)
+        out = torch.zeros(H, Tq, D, dtype=torch.float64)
+        if use_global:
+            out = out + w[:, 0, None, None] * real * F.scaled_dot_product_attention(
+                qb, kb, v[b], attn_mask=open_mask, scale=scale)
+        if chunk_size is not None:
+            same = torch.div(sp + j - lo, chunk_size, rounding_mode="floor") == torch.div(
+                sp + a - lo, chunk_size, rounding_mode="floor")
+            out = out + w[:, 1, None, None] * real * F.scaled_dot_product_attention(
+                qb, kb, v[b], attn_mask=(mask & same) | (a < lo), scale=scale)
+        if mem_k is not None and (mem_len is None or mem_len[b] > 0):
+            S = mem_k.shape[2]
+            n = S if mem_len is None else mem_len[b]
+            mk = mem_k[b].to(torch.float64).repeat_interleave(rep, 0)[:, S - n:]
+            mv = mem_v[b].to(torch.float64).repeat_interleave(rep, 0)[:, S - n:]
+            out = out + w[:, 2, None, None] * real * F.scaled_dot_product_attention(
+                q[b], mk, mv, scale=scale)
+        rows.append(out)
+    return torch.stack(rows)
+
+
 # --------------------------------------------------------------------------------------------
 # Gradients
 # --------------------------------------------------------------------------------------------
