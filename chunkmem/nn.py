@@ -2,6 +2,30 @@
 
 The memory is functional state: every ``forward`` takes the state it starts from and returns a
 new one; inputs are never modified, so a call that fails leaves the caller's memory as it was.
+
+Generation (SPEC §4): ``ChunkMemLM.generate(tokens, max_new_tokens, *, state=None,
+temperature=1.0, top_k=None, top_p=None, generator=None) -> (new_tokens, state)``.
+
+- Segmentation is that of ``forward`` over the whole document: segments of ``segment_len``
+  tokens counted from the document's first token, RoPE positions and chunks counted from each
+  segment's start. Each layer keeps the keys/values of the current segment's tokens; a token
+  runs its queries (Tq = 1, bottom-right aligned) over them with the layer's memory. With the
+  global path off only the keys of the query's chunk are passed (``start_pos`` keeps their
+  positions): a token costs O(chunk_size + S) attention, O(segment_len) with the global path on,
+  whatever the length of the document. When a segment is complete each layer writes it into its
+  memory with ``gated_memory_update`` (exactly as ``forward`` does) and its cache is emptied.
+- The returned :class:`MemoryState` covers every token so far, the last sampled one included:
+  ``layers`` (the memory after the last complete segment), ``cache`` (per layer k, v and the
+  LN'd block inputs of the P < segment_len tokens of the unfinished segment; None at a boundary)
+  and ``next_logits`` (what the next token is sampled from). So ``a, s = generate(p, 20);
+  b, _ = generate(p[:, :0], 20, state=s)`` gives ``cat(a, b) == generate(p, 40)[0]``, and new
+  text can be passed as ``tokens`` with that state. A state is never modified after it is
+  returned (each call copies the cache into its own buffers), so one state can be continued
+  several ways. ``state_dict`` / ``from_state_dict`` / ``to`` / ``detach`` carry the cache;
+  ``reset`` needs a boundary; ``forward`` refuses a state with a cache (``extend`` is the
+  forward of this convention: logits of every position, the unfinished segment kept in the
+  cache). A state from ``forward`` counts as a segment boundary.
+- Sampling: :func:`sample_logits` (greedy at temperature 0; top-k, then top-p on what is left).
 """
 from __future__ import annotations
 
@@ -14,21 +38,32 @@ from torch import nn
 
 from chunkmem.ops import gated_memory_update, hybrid_attention
 
-__all__ = ["MemoryState", "HybridAttention", "Block", "ChunkMemLM"]
+__all__ = ["MemoryState", "HybridAttention", "Block", "ChunkMemLM", "sample_logits", "filter_logits"]
 
 LayerMemory = tuple  # (memory (B, S, d), mem_len (B,) int64), or None for a layer without memory
 
 
 @dataclass
 class MemoryState:
-    """Per-layer memory of a :class:`ChunkMemLM`: ``layers[i]`` is (memory (B, S, d), mem_len (B,))
-    or None for a layer whose memory is off.
+    """Everything a :class:`ChunkMemLM` carries from one call to the next.
 
-    Save it beside the model to stop mid-document: ``torch.save({"model": model.state_dict(),
-    "memory": state.state_dict()}, path)`` and ``MemoryState.from_state_dict(ckpt["memory"])``.
+    - ``layers[i]``: layer i's memory, (memory (B, S, d), mem_len (B,)), or None where the memory
+      is off. :meth:`ChunkMemLM.forward` reads and writes only this.
+    - ``cache``: None, or per layer (k (B, G, P, Dh), v (B, G, P, Dh), x (B, P, d) or None): the
+      keys, values (RoPE not applied) and LN'd block inputs (kept for the memory write; None where
+      the memory is off) of the P tokens of the current, unfinished segment. Written by
+      :meth:`ChunkMemLM.generate` / :meth:`ChunkMemLM.extend`; None at a segment boundary.
+    - ``next_logits``: None, or (B, vocab) logits of the token after the last one seen (what
+      ``generate`` samples from when it is given no new tokens).
+
+    A state without cache is at a segment boundary: the next token starts a new segment. Save it
+    beside the model to stop mid-document: ``torch.save({"model": model.state_dict(), "memory":
+    state.state_dict()}, path)`` and ``MemoryState.from_state_dict(ckpt["memory"])``.
     """
 
     layers: list = field(default_factory=list)
+    cache: list | None = None
+    next_logits: torch.Tensor | None = None
 
     def __len__(self):
         return len(self.layers)
@@ -36,8 +71,20 @@ class MemoryState:
     def __getitem__(self, i):
         return self.layers[i]
 
+    @property
+    def cache_len(self) -> int:
+        """P, the number of tokens of the current segment held in the cache (0 at a boundary)."""
+        return 0 if self.cache is None else int(self.cache[0][0].shape[2])
+
     def _map(self, fn):
-        return MemoryState([None if lm is None else (fn(lm[0]), fn(lm[1])) for lm in self.layers])
+        def opt(t):
+            return None if t is None else fn(t)
+
+        return MemoryState(
+            [None if lm is None else (fn(lm[0]), fn(lm[1])) for lm in self.layers],
+            None if self.cache is None else [tuple(opt(t) for t in c) for c in self.cache],
+            opt(self.next_logits),
+        )
 
     def detach(self) -> "MemoryState":
         """The same state cut from the autograd graph (truncated backprop through segments)."""
@@ -45,7 +92,11 @@ class MemoryState:
 
     def reset(self, rows: torch.Tensor) -> "MemoryState":
         """The same state with the memory of the rows where ``rows`` (B,) bool is True emptied
-        (memory zeros, mem_len 0), e.g. where a new document starts in a batch of streams."""
+        (memory zeros, mem_len 0), e.g. where a new document starts in a batch of streams. Only at
+        a segment boundary (no cache); ``next_logits`` is dropped (a new document needs a prompt)."""
+        if self.cache is not None:
+            raise ValueError(f"reset needs a state at a segment boundary; this one holds {self.cache_len} "
+                             "tokens of an unfinished segment")
         keep = ~rows
         return MemoryState([
             None if lm is None else (lm[0] * keep.to(lm[0].dtype)[:, None, None], lm[1] * keep.to(lm[1].dtype))
@@ -63,12 +114,22 @@ class MemoryState:
             if lm is not None:
                 out[f"{i}.memory"] = lm[0].detach().clone()
                 out[f"{i}.mem_len"] = lm[1].detach().clone()
+        for i, c in enumerate(self.cache or ()):
+            for name, t in zip(("k", "v", "x"), c):
+                if t is not None:
+                    out[f"{i}.cache_{name}"] = t.detach().clone()
+        if self.next_logits is not None:
+            out["next_logits"] = self.next_logits.detach().clone()
         return out
 
     @classmethod
     def from_state_dict(cls, sd: dict) -> "MemoryState":
         n = int(sd["n_layers"])
-        return cls([(sd[f"{i}.memory"], sd[f"{i}.mem_len"]) if f"{i}.memory" in sd else None for i in range(n)])
+        layers = [(sd[f"{i}.memory"], sd[f"{i}.mem_len"]) if f"{i}.memory" in sd else None for i in range(n)]
+        cache = None
+        if "0.cache_k" in sd:
+            cache = [tuple(sd.get(f"{i}.cache_{name}") for name in ("k", "v", "x")) for i in range(n)]
+        return cls(layers, cache, sd.get("next_logits"))
 
 
 class HybridAttention(nn.Module):
@@ -136,6 +197,28 @@ class HybridAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n, self.head_dim).transpose(1, 2)
 
+    def _memory_kv(self, memory, dtype):
+        """The memory path's keys and values: this layer's k/v projections of the memory, no RoPE."""
+        m = memory.to(dtype)
+        return self._heads(self.k_proj(m), self.n_kv_heads), self._heads(self.v_proj(m), self.n_kv_heads)
+
+    def _attend(self, q, k, v, mem_k, mem_v, mem_len, start_pos=0):
+        B, _, T, _ = q.shape
+        y = hybrid_attention(
+            q, k, v, mem_k, mem_v, weights=self.path_weights(), chunk_size=self.chunk_size,
+            use_global=self.use_global, mem_len=mem_len, rope_base=self.rope_base, start_pos=start_pos,
+            backend=self.backend,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.d_model))
+
+    def _write_memory(self, memory, mem_len, x):
+        """The memory after writing the segment x (B, T, d): ``gated_memory_update``."""
+        dt = memory.dtype
+        return gated_memory_update(
+            memory, x.to(dt), self.w_gate.to(dt), self.b_gate.to(dt), self.w_cand.to(dt), self.b_cand.to(dt),
+            chunk_size=self.memory_pool, mem_len=mem_len, backend=self.backend,
+        )
+
     def forward(self, x, state=None):
         B, T, _ = x.shape
         q = self._heads(self.q_proj(x), self.n_heads)
@@ -147,21 +230,78 @@ class HybridAttention(nn.Module):
             if memory.shape != (B, self.memory_slots, self.d_model):
                 raise ValueError(f"memory state must have shape (B, S, d) = ({B}, {self.memory_slots}, "
                                  f"{self.d_model}), got {tuple(memory.shape)}")
-            mem_k = self._heads(self.k_proj(memory.to(x.dtype)), self.n_kv_heads)
-            mem_v = self._heads(self.v_proj(memory.to(x.dtype)), self.n_kv_heads)
-        y = hybrid_attention(
-            q, k, v, mem_k, mem_v, weights=self.path_weights(), chunk_size=self.chunk_size,
-            use_global=self.use_global, mem_len=mem_len, rope_base=self.rope_base, backend=self.backend,
-        )
-        y = self.o_proj(y.transpose(1, 2).reshape(B, T, self.d_model))
+            mem_k, mem_v = self._memory_kv(memory, x.dtype)
+        y = self._attend(q, k, v, mem_k, mem_v, mem_len)
         if self.memory_slots == 0:
             return y, None
-        new_state = gated_memory_update(
-            memory, x.to(memory.dtype), self.w_gate.to(memory.dtype), self.b_gate.to(memory.dtype),
-            self.w_cand.to(memory.dtype), self.b_cand.to(memory.dtype),
-            chunk_size=self.memory_pool, mem_len=mem_len, backend=self.backend,
-        )
-        return y, new_state
+        return y, self._write_memory(memory, mem_len, x)
+
+    def forward_cached(self, x, cache: "_LayerCache"):
+        """Continue the current segment by the n tokens x (B, n, d_model) (LN'd block inputs):
+        appends their keys/values/inputs to ``cache`` (in place) and attends over the cached
+        segment with Tq = n (bottom-right aligned). Returns y (B, n, d_model). The memory is
+        written by ``cache.write_memory()`` once the segment is full."""
+        B, n, _ = x.shape
+        p = cache.length
+        q = self._heads(self.q_proj(x), self.n_heads)
+        cache.append(self._heads(self.k_proj(x), self.n_kv_heads), self._heads(self.v_proj(x), self.n_kv_heads), x)
+        # keys the queries can reach: the whole segment with the global path, else from the start
+        # of the first query's chunk (start_pos keeps their positions, so the math is the same)
+        if self.use_global:
+            lo = 0
+        elif self.chunk_size is not None:
+            lo = p // self.chunk_size * self.chunk_size
+        else:
+            lo = p
+        end = p + n
+        return self._attend(q, cache.k[:, :, lo:end], cache.v[:, :, lo:end], cache.mem_k, cache.mem_v,
+                            cache.mem_len, start_pos=lo)
+
+
+class _LayerCache:
+    """One layer's working buffers while :meth:`ChunkMemLM.generate` runs (mutable; a returned
+    :class:`MemoryState` holds views of them, which nothing writes afterwards): k/v/x of the
+    current segment preallocated to ``segment_len`` tokens, the memory, and its projected k/v."""
+
+    def __init__(self, attn: HybridAttention, layer_state, cached, batch_size, capacity, device, dtype):
+        self.attn = attn
+        G, Dh = attn.n_kv_heads, attn.head_dim
+        self.k = torch.empty(batch_size, G, capacity, Dh, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.x = None
+        self.length = 0
+        if attn.memory_slots > 0:
+            self.x = torch.empty(batch_size, capacity, attn.d_model, device=device, dtype=dtype)
+            self._set_memory(*(layer_state if layer_state is not None else attn.init_state(batch_size, device, dtype)))
+        else:
+            self.memory = self.mem_len = self.mem_k = self.mem_v = None
+        if cached is not None:
+            self.append(*cached)
+
+    def _set_memory(self, memory, mem_len):
+        self.memory, self.mem_len = memory, mem_len
+        self.mem_k, self.mem_v = self.attn._memory_kv(memory, self.k.dtype)
+
+    def append(self, k, v, x):
+        p, n = self.length, k.shape[2]
+        self.k[:, :, p:p + n] = k
+        self.v[:, :, p:p + n] = v
+        if self.x is not None:
+            self.x[:, p:p + n] = x
+        self.length = p + n
+
+    def write_memory(self):
+        """End of segment: write the cached segment into the memory, empty the cache."""
+        if self.memory is not None:
+            self._set_memory(*self.attn._write_memory(self.memory, self.mem_len, self.x[:, :self.length]))
+        self.length = 0
+
+    def layer_state(self):
+        return None if self.memory is None else (self.memory, self.mem_len)
+
+    def cached(self):
+        p = self.length
+        return (self.k[:, :, :p], self.v[:, :, :p], None if self.x is None else self.x[:, :p])
 
 
 class Block(nn.Module):
@@ -178,10 +318,17 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
 
+    def _residual(self, x, a):
+        h = x + a
+        return h + self.ffn(self.ln2(h))
+
     def forward(self, x, state=None):
         a, new_state = self.attn(self.ln1(x), state)
-        h = x + a
-        return h + self.ffn(self.ln2(h)), new_state
+        return self._residual(x, a), new_state
+
+    def forward_cached(self, x, cache: _LayerCache):
+        """The block over n more tokens of the current segment (see HybridAttention.forward_cached)."""
+        return self._residual(x, self.attn.forward_cached(self.ln1(x), cache))
 
 
 class ChunkMemLM(nn.Module):
@@ -212,17 +359,36 @@ class ChunkMemLM(nn.Module):
         """An empty memory for every layer."""
         return MemoryState([b.attn.init_state(batch_size, device) for b in self.blocks])
 
-    def _check(self, tokens, state):
+    def set_backend(self, backend: str) -> "ChunkMemLM":
+        """Use ``backend`` ("auto", "triton", "torch", "reference") for every attention and memory
+        update from now on (e.g. "triton" on CPU tensors under TRITON_INTERPRET=1). Returns self."""
+        from chunkmem.ops import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        for block in self.blocks:
+            block.attn.backend = backend
+        return self
+
+    def _check(self, tokens, state, min_len=1):
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.long, torch.int32):
             raise TypeError("tokens must be an int64/int32 tensor of shape (B, T)")
-        if tokens.dim() != 2 or tokens.shape[1] < 1:
-            raise ValueError(f"tokens must have shape (B, T) with T >= 1, got {tuple(tokens.shape)}")
+        if tokens.dim() != 2 or tokens.shape[1] < min_len:
+            raise ValueError(f"tokens must have shape (B, T) with T >= {min_len}, got {tuple(tokens.shape)}")
         if state is not None:
             if not isinstance(state, MemoryState) or len(state) != len(self.blocks):
                 raise ValueError(f"state must be a MemoryState with {len(self.blocks)} layers")
-            for lm in state.layers:
-                if lm is not None and lm[0].shape[0] != tokens.shape[0]:
-                    raise ValueError(f"state batch size {lm[0].shape[0]} does not match tokens' {tokens.shape[0]}")
+            B = tokens.shape[0]
+            sizes = [lm[0].shape[0] for lm in state.layers if lm is not None]
+            sizes += [c[0].shape[0] for c in state.cache or ()]
+            sizes += [] if state.next_logits is None else [state.next_logits.shape[0]]
+            for size in sizes:
+                if size != B:
+                    raise ValueError(f"state batch size {size} does not match tokens' {B}")
+            if state.cache is not None and (len(state.cache) != len(self.blocks)
+                                            or not 0 < state.cache_len < self.segment_len):
+                raise ValueError(f"state.cache must hold 1..{self.segment_len - 1} tokens for each of "
+                                 f"the {len(self.blocks)} layers")
 
     def forward_segment(self, tokens, state: MemoryState):
         """One segment (B, T <= segment_len) -> (logits, new MemoryState)."""
@@ -236,6 +402,9 @@ class ChunkMemLM(nn.Module):
 
     def forward(self, tokens, state: MemoryState | None = None):
         self._check(tokens, state)
+        if state is not None and state.cache is not None:
+            raise ValueError(f"state holds {state.cache_len} tokens of an unfinished segment (a state from "
+                             "generate/extend); continue it with extend() or generate()")
         state = state if state is not None else self.init_state(tokens.shape[0], tokens.device)
         logits = []
         for i, start in enumerate(range(0, tokens.shape[1], self.segment_len)):
@@ -244,3 +413,120 @@ class ChunkMemLM(nn.Module):
             seg_logits, state = self.forward_segment(tokens[:, start: start + self.segment_len], state)
             logits.append(seg_logits)
         return torch.cat(logits, dim=1), state
+
+    # ------------------------------------------------------------------------ cached decoding
+    def _open(self, state: MemoryState | None, batch_size, device) -> list:
+        dtype = self.embed.weight.dtype
+        state = state if state is not None else MemoryState([None] * len(self.blocks))
+        cached = state.cache or [None] * len(self.blocks)
+        return [_LayerCache(b.attn, ls, c, batch_size, self.segment_len, device, dtype)
+                for b, ls, c in zip(self.blocks, state.layers, cached)]
+
+    @staticmethod
+    def _close(caches, next_logits) -> MemoryState:
+        cache = None if caches[0].length == 0 else [c.cached() for c in caches]
+        return MemoryState([c.layer_state() for c in caches], cache, next_logits)
+
+    def _run_cached(self, tokens, caches, last_only):
+        """tokens (B, T) through the model, continuing the cached segment; returns the logits of
+        every position (B, T, V), or of the last one (B, 1, V) when ``last_only``."""
+        out, i, T = [], 0, tokens.shape[1]
+        while i < T:  # pieces that end at a segment boundary at the latest
+            n = min(self.segment_len - caches[0].length, T - i)
+            h = self.embed(tokens[:, i:i + n])
+            for block, cache in zip(self.blocks, caches):
+                h = block.forward_cached(h, cache)
+            if caches[0].length == self.segment_len:
+                for cache in caches:
+                    cache.write_memory()
+            out.append(h[:, -1:] if last_only else h)
+            i += n
+        h = out[-1] if last_only else torch.cat(out, dim=1)
+        return F.linear(self.ln_f(h), self.embed.weight)
+
+    def extend(self, tokens, state: MemoryState | None = None):
+        """``forward`` for generation: ``extend(tokens (B, T), state=None) -> (logits (B, T, V), state)``
+        continues the document that ``state`` covers (None: a new one) with the same segmentation
+        as ``forward`` over the whole document, keeping an unfinished segment in the state's cache
+        (the memory is written when a segment is complete) and the last logits in
+        ``state.next_logits``. Runs without autograd."""
+        self._check(tokens, state)
+        with torch.no_grad():
+            caches = self._open(state, tokens.shape[0], tokens.device)
+            logits = self._run_cached(tokens, caches, last_only=False)
+        return logits, self._close(caches, logits[:, -1].clone())
+
+    @torch.no_grad()
+    def generate(self, tokens, max_new_tokens, *, state=None, temperature=1.0, top_k=None, top_p=None,
+                 generator=None):
+        """Sample ``max_new_tokens`` tokens after ``tokens`` (SPEC §4).
+
+        Args:
+            tokens: (B, T) int tokens not yet seen by ``state`` (a prompt; T = 0 allowed when
+                ``state`` came from ``generate``/``extend``). Rows are decoded together, so
+                they have the same length.
+            max_new_tokens: int >= 0.
+            state: None (a new document) or a :class:`MemoryState` (from ``generate``/``extend``,
+                or from ``forward``, which counts as a segment boundary).
+            temperature: 0 -> greedy (argmax); > 0 divides the logits before sampling.
+            top_k, top_p, generator: see :func:`sample_logits`.
+
+        Returns:
+            (new_tokens (B, max_new_tokens) int64, state covering the prompt and every sampled
+            token, the last one included: memory, the current segment's cache, next_logits).
+        """
+        self._check(tokens, state, min_len=0)
+        _check_sampling(temperature, top_k, top_p)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        B, T = tokens.shape
+        if T == 0 and (state is None or state.next_logits is None):
+            raise ValueError("tokens is empty: pass a prompt, or a state from generate/extend (it carries "
+                             "the next-token logits)")
+        caches = self._open(state, B, tokens.device)
+        logits = self._run_cached(tokens, caches, last_only=True)[:, -1] if T else state.next_logits
+        new = torch.empty(B, max_new_tokens, dtype=torch.long, device=tokens.device)
+        for i in range(max_new_tokens):
+            new[:, i] = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      generator=generator)
+            logits = self._run_cached(new[:, i:i + 1], caches, last_only=True)[:, -1]
+        return new, self._close(caches, logits)
+
+
+def _check_sampling(temperature, top_k, top_p):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """logits (B, V) with the tokens outside the top-k / top-p set at -inf (top-k first).
+
+    top_k keeps the k largest (ties with the k-th included); top_p keeps, of the softmax of what is
+    left, the smallest set of most likely tokens whose probabilities sum to >= top_p."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        probs, order = torch.sort(torch.softmax(logits, dim=-1), dim=-1, descending=True)
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        drop_sorted = before >= top_p  # the first token is always kept (before = 0)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_logits(logits, *, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row from logits (B, V): argmax at temperature 0, else a sample of
+    softmax(filter_logits(logits / temperature, top_k, top_p)) drawn with ``generator``
+    (a torch.Generator on the logits' device, or None for the global one). Returns (B,) int64."""
+    _check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
