@@ -3,6 +3,7 @@
     python -m bench.bench_memory_update [--device auto|cpu|cuda] [--dtypes float32,bfloat16]
                                         [--B 4] [--T 1024,4096] [--d 256,1024] [--S 64]
                                         [--chunk-size 64] [--impls reference,torch,triton]
+                                        [--out DIR]
 
 Implementations: "reference" (chunkmem.reference, a Python loop over the n summaries), "torch"
 (chunkmem.torch_backend, parallel scan) and "triton" (chunkmem.triton_memory). The Triton rows
@@ -12,7 +13,9 @@ no_grad) and "fwd+bwd" (forward, then backward of a fixed upstream gradient into
 inputs). Timing and peak memory: bench.measure (CPU: perf_counter over repeated calls, peak RSS
 above the inputs; GPU: triton.testing.do_bench, max_memory_allocated above the inputs).
 
-Writes bench/results/<device-name>/memory_update.{json,csv} in the common record format
+Writes memory_update.{json,csv} to bench/out/<device-name>/ (untracked; ``--out
+bench/results/<device-name>`` regenerates the committed copy on purpose, and records the machine
+and command in that folder's PROVENANCE.md) in the common record format
 (bench.common): one record per (impl, dtype, pass, shape) with op "memory_update", D = d (the
 width; also written as "d"), H empty, tokens_per_s = B*T / median time; CPU records also carry
 "threads" (torch threads; 1 by default). The default CPU run takes about a minute on an idle
@@ -24,11 +27,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import shlex
 import sys
+from pathlib import Path
 
 import torch
 
-from bench.common import device_name, make_record, results_dir, write_results
+from bench.common import (default_out_dir, describe_machine, device_name, machine_info,
+                          make_record, write_provenance, write_results)
 from bench.measure import measure_cpu, measure_cuda
 from chunkmem.reference import gated_memory_update_reference
 from chunkmem.torch_backend import gated_memory_update_torch
@@ -124,6 +130,9 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: steadier on a shared machine; 0 = leave)")
+    p.add_argument("--out", metavar="DIR",
+                   help="output folder (default: bench/out/<device-name>, untracked); pass "
+                        "bench/results/<device-name> on purpose to regenerate the committed results")
     return p.parse_args(argv)
 
 
@@ -158,12 +167,19 @@ def main(argv=None) -> int:
                         print(f"{impl:9s} {dtype_name:8s} {pass_:7s} B={args.B} T={T:6d} d={d:5d}"
                               f" S={args.S} C={args.chunk_size}: {figure}", flush=True)
     name = device_name(device)
-    meta = dict(script="bench/bench_memory_update.py", device=name,
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = " ".join(["python -m bench.bench_memory_update", *map(shlex.quote, argv)])
+    machine = machine_info(device)
+    meta = dict(script="bench/bench_memory_update.py", device=name, command=command,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 torch=torch.__version__, python=platform.python_version(),
-                threads=torch.get_num_threads(), argv=list(sys.argv[1:] if argv is None else argv))
-    csv_path, json_path = write_results(records, results_dir(name), stem="memory_update", meta=meta)
-    print(f"wrote {csv_path} and {json_path}")
+                threads=torch.get_num_threads(), argv=argv, machine=machine)
+    out_dir = Path(args.out) if args.out else default_out_dir(name)
+    csv_path, json_path = write_results(records, out_dir, stem="memory_update", meta=meta)
+    prov = write_provenance(out_dir, "python -m bench.bench_memory_update", command=command,
+                            files=[csv_path, json_path], date_utc=meta["date"],
+                            machine=describe_machine(machine), notes=f"{meta['threads']} torch threads")
+    print(f"wrote {csv_path}, {json_path} and {prov}")
     return 0
 
 

@@ -1,17 +1,20 @@
 """Benchmark cases: what one point runs, as a ``step()`` callable, for every (op, impl).
 
 Ops (attention patterns, see bench/flops.py): "global+chunk+memory" (the three-path op),
-"chunk+memory" (use_global=False) and "causal" (plain causal attention); plus "model" (whole LM,
+"chunk+memory" (use_global=False), "chunk" (the chunk path alone: causal attention inside
+non-overlapping chunks, no memory) and "causal" (plain causal attention); plus "model" (whole LM,
 forward+backward of a next-token loss).
 
 Impls:
 - "chunkmem-torch" / "chunkmem-reference" / "chunkmem-triton": ``chunkmem.hybrid_attention`` with
-  that backend (ops global+chunk+memory and chunk+memory);
+  that backend (ops global+chunk+memory, chunk+memory, and chunk: no memory, path weights
+  (0, 1, 0));
 - "sdpa": ``F.scaled_dot_product_attention(is_causal=True)`` (op causal);
-- "flex": FlexAttention (compiled) with a block mask of the same pattern. Op chunk+memory: the S
-  memory slots are prepended to the keys and the mask is "memory slot, or same chunk and
-  causal": the same pairs as chunkmem's op but ONE softmax over their union instead of two
-  softmaxes mixed by weights. (Plain causal attention is left to SDPA.)
+- "flex": FlexAttention (compiled) with a block mask of the same pattern. Op chunk: the mask
+  "same chunk and causal" at the sweep's chunk size, the same function as chunkmem's op chunk.
+  Op chunk+memory: the S memory slots are prepended to the keys and the mask is "memory slot, or
+  same chunk and causal": the same pairs as chunkmem's op but ONE softmax over their union
+  instead of two softmaxes mixed by weights. (Plain causal attention is left to SDPA.)
 - "chunkmem-lm" / "chunkmem-lm-noglobal": chunkmem.nn.ChunkMemLM with use_global True / False,
   run in segments of ``segment_len`` with the memory carried; "sdpa-transformer": the same-size
   plain causal transformer chunkmem.baselines.CausalTransformer (SDPA over the whole sequence).
@@ -27,13 +30,13 @@ import torch.nn.functional as F
 
 __all__ = ["IMPL_OPS", "MODEL_IMPLS", "Shape", "Case", "build_case", "make_step"]
 
-ATTN_OPS_CHUNKMEM = ("global+chunk+memory", "chunk+memory")
+ATTN_OPS_CHUNKMEM = ("global+chunk+memory", "chunk+memory", "chunk")
 IMPL_OPS = {
     "chunkmem-torch": ATTN_OPS_CHUNKMEM,
     "chunkmem-triton": ATTN_OPS_CHUNKMEM,
     "chunkmem-reference": ATTN_OPS_CHUNKMEM,
     "sdpa": ("causal",),
-    "flex": ("chunk+memory",),
+    "flex": ("chunk+memory", "chunk"),
 }
 MODEL_IMPLS = ("chunkmem-lm", "chunkmem-lm-noglobal", "sdpa-transformer")
 
@@ -97,19 +100,21 @@ def _randn(gen, shape, device, dtype, requires_grad):
 def _chunkmem_case(op, backend, s, device, dtype, grad, gen, rope_base):
     import chunkmem
 
-    use_global = op == "global+chunk+memory"
+    use_global, use_memory = op == "global+chunk+memory", op != "chunk"
     q, k, v = (_randn(gen, (s.B, s.H, s.T, s.D), device, dtype, grad) for _ in range(3))
-    mem_k, mem_v = (_randn(gen, (s.B, s.H, s.S, s.D), device, dtype, grad) for _ in range(2))
-    on = torch.tensor([use_global, True, True], dtype=torch.float32)
+    mem_k = mem_v = mem_len = None
+    if use_memory:
+        mem_k, mem_v = (_randn(gen, (s.B, s.H, s.S, s.D), device, dtype, grad) for _ in range(2))
+        mem_len = torch.full((s.B,), s.S, dtype=torch.int64, device=device)
+    on = torch.tensor([use_global, True, use_memory], dtype=torch.float32)
     weights = (on / on.sum()).repeat(s.H, 1).to(device).requires_grad_(grad)  # (H, 3)
-    mem_len = torch.full((s.B,), s.S, dtype=torch.int64, device=device)
 
     def forward():
         return chunkmem.hybrid_attention(
             q, k, v, mem_k, mem_v, weights=weights, chunk_size=s.chunk_size,
             use_global=use_global, mem_len=mem_len, rope_base=rope_base, backend=backend)
 
-    return forward, [q, k, v, mem_k, mem_v, weights]
+    return forward, [t for t in (q, k, v, mem_k, mem_v, weights) if t is not None]
 
 
 def _sdpa_case(s, device, dtype, grad, gen):
@@ -120,14 +125,15 @@ def _sdpa_case(s, device, dtype, grad, gen):
 _compiled_flex = None
 
 
-def _flex_case(s, device, dtype, grad, gen):
+def _flex_case(op, s, device, dtype, grad, gen):
     global _compiled_flex
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     q = _randn(gen, (s.B, s.H, s.T, s.D), device, dtype, grad)
-    n_mem, C = s.S, s.chunk_size  # keys = [S memory slots, T sequence keys]
+    n_mem = s.S if op == "chunk+memory" else 0  # keys = [n_mem memory slots, T sequence keys]
+    C = s.chunk_size
 
     def mask_mod(b, h, qi, kv):
         j = kv - n_mem
@@ -184,7 +190,7 @@ def build_case(op: str, impl: str, shape: Shape, *, device: str, dtype: torch.dt
     elif impl == "sdpa":
         forward, leaves = _sdpa_case(shape, device, dtype, grad, gen)
     else:
-        forward, leaves = _flex_case(shape, device, dtype, grad, gen)
+        forward, leaves = _flex_case(op, shape, device, dtype, grad, gen)
     grad_out = None
     if grad:
         grad_out = _randn(gen, (shape.B, shape.H, shape.T, shape.D), device, dtype, False)

@@ -1,4 +1,10 @@
-"""Shared record format, device naming and result writing for every script under bench/.
+"""Shared record format, device naming, output folders and result writing for every script under bench/.
+
+Output folders: a run writes to ``bench/out/<device-name>/`` by default (untracked: .gitignore),
+so trying a benchmark never touches the committed results. ``bench/results/<device-name>/`` holds
+the results the README quotes; they are regenerated only on purpose, by passing that folder as
+the output (``--out bench/results/<device-name>``), and each such folder has a ``PROVENANCE.md``
+saying which machine and which command produced each of its files (:func:`write_provenance`).
 
 One record = one measured point, a flat dict with the keys of :data:`RECORD_KEYS` (extra keys are
 allowed and are written after them). ``status`` is ``"ok"``, ``"oom"``, ``"skipped: <why>"`` or
@@ -18,9 +24,14 @@ import numpy as np
 __all__ = [
     "RECORD_KEYS",
     "RESULTS_ROOT",
+    "OUT_ROOT",
     "slugify",
     "device_name",
+    "default_out_dir",
     "results_dir",
+    "machine_info",
+    "describe_machine",
+    "write_provenance",
     "make_record",
     "summarize_times",
     "write_results",
@@ -32,7 +43,8 @@ RECORD_KEYS = (
     "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "tflops", "peak_mem_mb", "status",
 )
 FIGURE_KEYS = ("median_ms", "p20_ms", "p80_ms", "tokens_per_s", "tflops", "peak_mem_mb")
-RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"  # committed: what the README quotes
+OUT_ROOT = Path(__file__).resolve().parent / "out"  # untracked: where runs write by default
 
 
 def slugify(text: str) -> str:
@@ -64,10 +76,82 @@ def device_name(device: str = "cpu") -> str:
     return slugify("cpu-" + _cpu_model())
 
 
-def results_dir(name: str) -> Path:
-    """bench/results/<name>/ (created)."""
-    path = RESULTS_ROOT / name
+def default_out_dir(name: str) -> Path:
+    """bench/out/<name>/ (created): the untracked folder a run writes to unless told otherwise."""
+    path = OUT_ROOT / name
     path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+results_dir = default_out_dir  # older name, kept for scripts that import it
+
+
+def _meminfo_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def machine_info(device: str = "cpu") -> dict:
+    """What the figures depend on: processor, cores, memory, GPU, OS and library versions."""
+    import os
+
+    import torch
+
+    info = {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(),
+            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "memory_gib": _meminfo_gib(), "os": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if str(device).startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def describe_machine(info: dict) -> str:
+    """One line: 'AMD EPYC ..., 2 usable of 2 logical CPUs, 24.0 GiB; Linux-...; torch ..., ...'."""
+    parts = [f"{info.get('cpu')}, {info.get('usable_cpus')} usable of {info.get('logical_cpus')} "
+             f"logical CPUs, {info.get('memory_gib')} GiB"]
+    if info.get("gpu"):
+        parts.append(f"GPU {info['gpu']} ({info.get('gpu_memory_gib')} GiB, CUDA {info.get('cuda')})")
+    parts.append(str(info.get("os")))
+    parts.append(f"Python {info.get('python')}, torch {info.get('torch')}, triton {info.get('triton')}")
+    return "; ".join(parts)
+
+
+def write_provenance(out_dir, key: str, *, command: str, files, date_utc: str, machine: str,
+                     notes: str = "") -> Path:
+    """Add or replace the section ``key`` of <out_dir>/PROVENANCE.md: which command, on which
+    machine and when, wrote which files of the folder. Each script writing into a results folder
+    owns one section (e.g. "python -m bench", "python -m bench.bench_memory_update"), so a rerun
+    of one replaces only its own section."""
+    path = Path(out_dir) / "PROVENANCE.md"
+    begin, end = f"<!-- begin {key} -->", f"<!-- end {key} -->"
+    names = ", ".join(f"`{Path(f).name}`" for f in files)
+    section = (f"{begin}\n## {key}\n\n- files: {names}\n- command: `{command}`\n"
+               f"- machine: {machine}\n- date (UTC): {date_utc}\n" + (f"- notes: {notes}\n" if notes else "")
+               + f"{end}")
+    text = path.read_text() if path.exists() else (
+        "# Provenance of the files in this folder\n\nWhich command wrote each file, on which machine "
+        "and when (written by the command itself; see bench/README.md).\n")
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
     return path
 
 

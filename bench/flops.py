@@ -22,6 +22,7 @@ __all__ = ["PATHS_OF_OP", "pairs", "attention_flops"]
 PATHS_OF_OP = {
     "global+chunk+memory": (True, True, True),
     "chunk+memory": (False, True, True),
+    "chunk": (False, True, False),
     "causal": (True, False, False),
 }
 BWD_FACTOR = 3.5

@@ -13,7 +13,7 @@ __all__ = ["plot_results", "sweep_title"]
 METRICS = {"time": ("median_ms", "median time (ms)"), "memory": ("peak_mem_mb", "peak memory (MiB)")}
 IMPL_COLORS = {"chunkmem-torch": "C0", "chunkmem-triton": "C1", "chunkmem-reference": "C7",
                "sdpa": "C3", "flex": "C2"}
-OP_STYLES = {"global+chunk+memory": "-", "chunk+memory": "--", "causal": "-"}
+OP_STYLES = {"global+chunk+memory": "-", "chunk+memory": "--", "chunk": ":", "causal": "-"}
 
 
 def sweep_title(device: str, dtype: str, cfg: dict) -> str:

@@ -32,6 +32,7 @@ class SweepConfig:
     seq_lens: tuple
     impls: tuple
     passes: tuple = PASSES
+    ops: tuple | None = None  # None: every op each impl has
     B: int = 1
     H: int = 8
     D: int = 64
@@ -62,6 +63,8 @@ def plan(cfg: SweepConfig) -> list[dict]:
             if impl == "chunkmem-reference" and T > cfg.reference_max_t:
                 continue
             for op in IMPL_OPS[impl]:
+                if cfg.ops is not None and op not in cfg.ops:
+                    continue
                 for pass_ in cfg.passes:
                     specs.append(dict(common, op=op, impl=impl, H=cfg.H, T=T, **{"pass": pass_}))
     for impl in cfg.model_impls:

@@ -3,7 +3,8 @@
 Small CPU fp32 points of bench/cases.py, kept out of the default test run (pyproject's
 ``testpaths = ["tests"]``). Before timing, each chunkmem case checks that the benchmarked output
 matches the reference backend on the same inputs (fp32: atol 2e-5, rtol 1e-4), so a regression
-benchmark never times a wrong result; peers check shape and finiteness.
+benchmark never times a wrong result; so does FlexAttention's op chunk (the same function: its
+block mask is checked that way); other peers check shape and finiteness.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ ATTENTION_CASES = [
     ("chunk+memory", "chunkmem-torch", "fwd+bwd", 1024),
     ("global+chunk+memory", "chunkmem-torch", "fwd", 1024),
     ("global+chunk+memory", "chunkmem-torch", "fwd+bwd", 512),
+    ("chunk", "chunkmem-torch", "fwd", 2048),
     ("causal", "sdpa", "fwd", 1024),
+    ("chunk", "flex", "fwd", 1024),  # compiled FlexAttention: the same function as chunkmem's op chunk
 ]
 
 
@@ -36,7 +39,7 @@ def test_attention(benchmark, op, impl, pass_, T):
         out = case.forward()
     assert out.shape == (SHAPE["B"], SHAPE["H"], T, SHAPE["D"])
     assert torch.isfinite(out).all()
-    if impl.startswith("chunkmem-"):
+    if impl.startswith("chunkmem-") or (impl, op) == ("flex", "chunk"):
         with torch.no_grad():
             expected = _case(op, "chunkmem-reference", pass_, T).forward()  # same seed, same inputs
         torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
