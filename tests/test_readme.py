@@ -79,3 +79,25 @@ def test_readme_snippet_runs(block, tmp_path, monkeypatch):
         if not top or top in REQUIRED_MODULES:
             raise
         pytest.skip(f"README.md line {line}: optional package {exc.name!r} is not installed")
+
+
+def _bash_lines(text: str) -> list[str]:
+    lines, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            inside = line.strip() in ("```bash", "```sh", "```shell")
+            continue
+        if inside:
+            lines.append(line.strip())
+    return lines
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run runs the README's test command (``-q`` flags aside), so CI tests what users run."""
+    def words(line):
+        return [w for w in line.split() if w != "-q"]
+    readme_cmds = [words(l) for l in _bash_lines(README.read_text(encoding="utf-8")) if "pytest" in l]
+    assert readme_cmds, "README.md should show the test command in a ```bash block"
+    ci = [words(l) for l in (README.parent / ".ci" / "run").read_text().splitlines()]
+    for cmd in readme_cmds:
+        assert cmd in ci, f"README's test command {' '.join(cmd)!r} is not in .ci/run"
