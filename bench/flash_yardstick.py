@@ -10,10 +10,10 @@ Single head layout (B, H, T, D) contiguous, T a multiple of the block sizes, no 
 dropout; statistics in fp32.
 
 The configurations (CONFIGS) are the tutorial's Hopper choices, adjusted where they spill at
-D = 128 (see CONFIGS); smaller blocks can be passed for the Triton interpreter. ``compile_variants`` gives the kernels in the
-format of :func:`chunkmem.triton_attention.compile_variants` and ``LOOP_DOTS`` the matrix
-products each loop function performs per iteration (for ``python -m chunkmem.compile_check
---cost``).
+D = 128 (see CONFIGS); smaller blocks can be passed for the Triton interpreter.
+``compile_variants`` gives the kernels in the format of
+:func:`chunkmem.triton_attention.compile_variants` and ``LOOP_DOTS`` the matrix products each
+loop function performs per iteration (for ``python -m chunkmem.compile_check --cost``).
 """
 from __future__ import annotations
 

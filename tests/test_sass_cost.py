@@ -127,3 +127,31 @@ def test_yardstick_matches_torch_causal_attention(dtype):
     gtol = dict(atol=1e-4, rtol=1e-3) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     for got, want in zip(grads, (qf.grad, kf.grad, vf.grad)):
         torch.testing.assert_close(got.double(), want, **gtol)
+
+
+def test_attention_loop_calls_resolve_to_useful_dots():
+    """Every loop call of the shipped sm_90 bf16 D=128 attention kernels has a LOOP_DOTS entry
+    whose flags evaluate to constants: the forward's memory, unmasked global and masked
+    (global + chunk) loops do QK^T + PV, QK^T + PV and QK^T + 2 PV."""
+    from chunkmem.compile_check import LOOP_DOTS
+    from chunkmem.triton_attention import compile_variants
+
+    seen = {}
+    for v in compile_variants():
+        if not v["name"].endswith("_sm90") or "_bf16_d128_" not in v["name"]:
+            continue
+        calls = [c for c in sc.kernel_calls(v["fn"], v["constexprs"]) if c.callee in LOOP_DOTS]
+        assert calls, v["name"]
+        for c in calls:
+            assert c.args["DO_1"] is not None and c.args["DO_2"] is not None
+            args = dict(v["constexprs"], **{k: x for k, x in c.args.items() if x is not None})
+            dots = LOOP_DOTS[c.callee](args)
+            assert all(d[1:] == (v["constexprs"]["BLOCK_M"], v["constexprs"]["BLOCK_N"], 128)
+                       for d in dots)
+            seen.setdefault(v["name"].split("_bf16")[0], []).append(
+                (c.args.get("MEM"), c.args.get("MASKED"), [d[0] for d in dots]))
+    assert sorted(seen["attn_fwd"]) == [(False, False, ["QK^T", "PV"]),
+                                        (False, True, ["QK^T", "PV", "PV"]),
+                                        (True, True, ["QK^T", "PV"])]
+    assert set(seen) == {"attn_fwd", "attn_bwd_preprocess", "attn_bwd_dq", "attn_bwd_dkdv",
+                         "attn_bwd_dmem"}
