@@ -27,6 +27,8 @@ import os
 import pickle
 import random
 import shutil
+import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -88,12 +90,15 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 
 def _load_weights_only(path: str, what: str):
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{what} {path} is not a readable checkpoint (not a torch.save archive)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        why = [ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error" in ln]
         raise CheckpointError(
             f"refusing to load {what} {path}: it holds Python objects other than tensors and plain "
-            f"containers (torch.load weights_only=True rejected it: {str(e).splitlines()[0]})") from None
+            f"containers (torch.load with weights_only=True: {why[0] if why else str(e).splitlines()[0]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{what} {path} is not a readable checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -230,10 +235,8 @@ def load_checkpoint(trainer, path: str) -> None:
                        optim_state_dict=ckpt["optimizer"],
                        options=StateDictOptions(full_state_dict=True))
     else:
-        import torch.distributed.checkpoint as dcp
-        _check_dcp_index(shards)
         model_sd, optim_sd = get_state_dict(trainer.module, trainer.opt)
-        dcp.load({"model": model_sd, "optim": optim_sd["state"]}, checkpoint_id=shards)
+        _dcp_load({"model": model_sd, "optim": optim_sd["state"]}, shards)
         optim_sd["param_groups"] = ckpt["optimizer_param_groups"]
         set_state_dict(trainer.module, trainer.opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
     trainer.load_run_state(ckpt)
@@ -246,27 +249,37 @@ def load_model_state(model: torch.nn.Module, path: str) -> dict:
     if shards is None:
         model.load_state_dict(ckpt["model"])
     else:
-        import torch.distributed.checkpoint as dcp
-        _check_dcp_index(shards)
         sd = model.state_dict()
-        dcp.load({"model": sd}, checkpoint_id=shards)
+        _dcp_load({"model": sd}, shards)
         model.load_state_dict(sd)
     return ckpt
 
 
 # ---------------------------------------------------------- torch.distributed.checkpoint index
 
-_TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
+def _dcp_load(state: dict, folder: str) -> None:
+    """``dcp.load`` in place, after checking the index; quiet about loading on one process."""
+    import torch.distributed.checkpoint as dcp
+    _check_dcp_index(folder)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder)
+
+
+_INDEX_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                  ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+                  ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
 
 
 class _IndexUnpickler(pickle.Unpickler):
-    """Unpickles only what a ``torch.distributed.checkpoint`` index is made of."""
+    """Unpickles only what a ``torch.distributed.checkpoint`` index is made of: its metadata
+    dataclasses, torch.Size, dtypes, layouts, memory formats and the checkpoint's path."""
 
     def find_class(self, module, name):
-        if module.startswith("torch.distributed.checkpoint.") or (module, name) in (
-                ("torch", "Size"), ("collections", "OrderedDict")):
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in _INDEX_GLOBALS:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), _TORCH_VALUES):
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                        torch.memory_format)):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint index")
 

@@ -77,6 +77,7 @@ class DistContext:
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
+            dist.barrier()  # no process tears the group down while another still uses it
             dist.destroy_process_group()
             self.owns_group = False
 
