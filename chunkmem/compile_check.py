@@ -458,7 +458,17 @@ def _source_state() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown (no git)"
     changed = [line[3:] for line in dirty.splitlines() if line.strip()]
-    return head + (" with uncommitted changes to " + ", ".join(changed) if changed else "")
+    if not changed:
+        return head
+    import hashlib
+
+    digests = []
+    for path in changed:
+        full = os.path.join(root, path)
+        if os.path.isfile(full):
+            with open(full, "rb") as f:
+                digests.append(f"{path} sha256 {hashlib.sha256(f.read()).hexdigest()[:12]}")
+    return f"{head} with uncommitted changes ({'; '.join(digests) or ', '.join(changed)})"
 
 
 def _cost_markdown(rows, meta) -> str:

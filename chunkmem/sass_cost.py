@@ -136,11 +136,30 @@ def _is_branch(ins: Instr) -> bool:
     return ins.base in ("BRA", "BRX", "JMP") and ins.target is not None
 
 
-def find_loops(sass: Sass) -> list:
-    """Loops from backward branches (a branch to a label at or before it); several branches to
-    one head make one loop (the last of them is its latch). Sorted by head."""
-    latches = {}
+def _unconditional(ins: Instr) -> bool:
+    """A branch that is always taken: no guard predicate, no predicate or register operand
+    before its target (``BRA.U !UP0, ...``, ``BRA.DIV UR4, ...`` are conditional)."""
+    return (_is_branch(ins) and ins.pred in ("", "@PT") and ins.operands.startswith("`")
+            and ".DIV" not in ins.opcode)
+
+
+def _out_of_line_start(sass: Sass) -> int:
+    """Index after the kernel's last unconditional EXIT: code placed there (warp-divergence
+    fallbacks that ``BRA.DIV`` jumps to, which branch back into the body) is not a loop."""
+    last = len(sass.instrs)
     for i, ins in enumerate(sass.instrs):
+        if ins.base == "EXIT" and ins.pred in ("", "@PT"):
+            last = i + 1
+    return last
+
+
+def find_loops(sass: Sass) -> list:
+    """Loops from backward branches (a branch to a label at or before it, out-of-line code
+    excepted); several branches to one head make one loop (the last of them is its latch).
+    Sorted by head."""
+    latches = {}
+    end = _out_of_line_start(sass)
+    for i, ins in enumerate(sass.instrs[:end]):
         if _is_branch(ins) and ins.target in sass.labels:
             head = sass.labels[ins.target]
             if head <= i:
@@ -169,10 +188,7 @@ def _path_lengths(sass: Sass, loop: Loop):
         if i == hi:
             return short, long_
         succ = []
-        unconditional = _is_branch(ins) and ins.pred in ("", "@PT")
-        if not unconditional and ins.base != "EXIT":
-            succ.append(i + 1)
-        elif ins.base == "EXIT" and ins.pred not in ("", "@PT"):
+        if not (_unconditional(ins) or (ins.base == "EXIT" and ins.pred in ("", "@PT"))):
             succ.append(i + 1)
         if _is_branch(ins) and ins.target in sass.labels:
             t = sass.labels[ins.target]

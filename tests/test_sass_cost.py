@@ -19,8 +19,9 @@ except ModuleNotFoundError:  # pytest run without the repository root on sys.pat
 
 def _listing(kernel_file: str, call_line: int, other_line: int) -> str:
     """nvdisasm -gi style text: a prologue, then a loop (head .L_x_1) whose body has a
-    conditional forward branch over 2 instructions, 3 HGMMA, 2 MUFU.EX2 and a NOP, a latch
-    back to .L_x_1 and a trailing self-loop after EXIT."""
+    conditional forward branch over 2 instructions, 3 HGMMA, 2 MUFU.EX2, a NOP and a BRA.DIV
+    to out-of-line code after the EXIT that branches back into the body (not a loop), a latch
+    back to .L_x_1, and a trailing self-loop."""
     loc = (f'\t//## File "{kernel_file}", line 10 inlined at "{kernel_file}", line {call_line}\n'
            f'\t//## File "{kernel_file}", line {call_line}\n')
     return f"""\
@@ -39,12 +40,17 @@ def _listing(kernel_file: str, call_line: int, other_line: int) -> str:
         /*0080*/                   MUFU.EX2 R7, R5 ;
         /*0090*/                   NOP ;
         /*00a0*/                   HGMMA.64x128x16.F32.BF16 R32, gdesc[UR12], R32 ;
-        /*00b0*/                   ISETP.GE.AND P2, PT, R2, R8, PT ;
-        /*00c0*/              @!P2 BRA `(.L_x_1) ;
+        /*00b0*/                   BRA.DIV UR4, `(.L_x_4) ;
+.L_x_5:
+        /*00c0*/                   ISETP.GE.AND P2, PT, R2, R8, PT ;
+        /*00d0*/              @!P2 BRA `(.L_x_1) ;
 \t//## File "{kernel_file}", line {other_line}
-        /*00d0*/                   EXIT ;
+        /*00e0*/                   EXIT ;
+.L_x_4:
+        /*00f0*/                   WARPSYNC.ALL ;
+        /*0100*/                   BRA `(.L_x_5) ;
 .L_x_3:
-        /*00e0*/                   BRA `(.L_x_3);
+        /*0110*/                   BRA `(.L_x_3);
 """
 
 
@@ -62,20 +68,20 @@ def test_loops_paths_mma_and_attribution():
     masked = calls[1]
     def_line = inspect.getsourcelines(fy.flash_fwd_kernel.fn)[1]  # in no call
     sass = sc.parse_sass(_listing(kfile, masked.first, def_line))
-    assert len(sass.instrs) == 15 and sass.instrs[4].pred == "@P0"
+    assert len(sass.instrs) == 18 and sass.instrs[4].pred == "@P0"
     assert sass.instrs[2].chain == ((kfile, 10), (kfile, masked.first))
 
     loops = sc.find_loops(sass)
-    assert [(lp.head, lp.latch) for lp in loops] == [(2, 12), (14, 14)]
+    assert [(lp.head, lp.latch) for lp in loops] == [(2, 13)]  # none from the out-of-line code
     cost = sc.loop_cost(sass, loops[0], num_warps=8)
-    assert cost["instrs"] == 10  # 11 in the body, minus the NOP
-    assert (cost["path_min"], cost["path_max"]) == (8, 10)  # the branch skips FMUL, FSEL
+    assert cost["instrs"] == 11  # 12 in the body, minus the NOP
+    assert (cost["path_min"], cost["path_max"]) == (9, 11)  # the branch skips FMUL, FSEL
     assert cost["mma"] == {"HGMMA.64x64x16.F32.BF16": 2, "HGMMA.64x128x16.F32.BF16": 1}
     assert cost["ex2"] == 2
     # 8 warps = 2 warpgroups, each issuing every HGMMA
     assert cost["exec_flops"] == 2 * (2 * 2 * 64 * 64 * 16 + 2 * 64 * 128 * 16)
     assert sc.attribute_loop(sass, loops[0], fy.flash_fwd_kernel, calls) is masked
-    assert sc.attribute_loop(sass, loops[1], fy.flash_fwd_kernel, calls) is None
+    assert sc.attribute_loop(sass, sc.Loop(14, 16), fy.flash_fwd_kernel, calls) is None
 
 
 def test_mma_shapes_and_occupancy():
