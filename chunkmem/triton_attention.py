@@ -1,19 +1,31 @@
-"""Triton backend of hybrid attention (SPEC §1): autograd wrapper, block sizes, compile variants.
+"""Triton backend of hybrid attention (SPEC §1, §1b): autograd wrapper, block sizes, compile variants.
 
 The kernels are in :mod:`chunkmem.kernels.hybrid_attention`; arguments arrive in the normalized
-form of :mod:`chunkmem.ops` (q (B, H, Tq, D); k, v (B, G, Tk, D); mem_k, mem_v (B, G, S, D) or
-None; weights (H, 3) fp32; mem_len (B,) int or None).
+form of :mod:`chunkmem.ops` (q (B, H, Tq, D); k, v (B, G, Tk, D); mem_k, mem_v (Bm, G, S, D) or
+None; weights (H, 3) fp32; mem_len (Bm,) int or None; start_pos an int or an int64 tensor (Bm,);
+kv_start, kv_end int32 (B,) or None; cu_seqlens_q, cu_seqlens_k int32 (N+1,) or None, with
+B = 1 and Bm = N, and max_seqlen_q / max_seqlen_k ints).
+
+Rows. The grids' second axis runs over the R rows: the B batch rows, or the N packed documents.
+The per-row key ranges, document bounds and start positions are read by the kernels from the
+device tensors (no host sync, no .item()); the kernels skip the key tiles without a valid key
+and, for documents, the blocks past the document's length. With none of them (kv ranges None,
+not packed, start_pos an int) the kernels compile without that code (the RANGES and PACKED
+constexprs off): the v1 code path. A start_pos tensor alone runs the ranged code with the full
+range (0, Tk).
 
 Launches:
-- forward: one kernel, grid (cdiv(Tq, BLOCK_M), B, H). All three paths in one pass; the chunk
-  path reuses the global path's QK^T tiles; RoPE in registers.
+- forward: one kernel, grid (cdiv(Tq, BLOCK_M), R, H) (max_seqlen_q instead of Tq when packed).
+  All three paths in one pass; the chunk path reuses the global path's QK^T tiles; RoPE in
+  registers.
 - backward: four kernels, all deterministic (no atomics):
-  1. preprocess, grid (cdiv(Tq, BLOCK_M), B, H): the per-row statistics DI_p = w_p rowsum(dO * O_p)
+  1. preprocess, grid (cdiv(Tq, BLOCK_M), R, H): the per-row statistics DI_p = w_p rowsum(dO * O_p)
      of each path, from rowsum(dO * out) and a recomputation of the cheap paths (memory slots,
      chunk window), and DW_p = rowsum(dO * O_p) of those cheap paths;
-  2. dq, grid (cdiv(Tq, BLOCK_M), B, H), all paths, plus DW of the remaining ("derived") path;
-  3. dk/dv, grid (cdiv(Tk, BLOCK_N), B, G), looping over the H/G query heads of the group;
-  4. dmem_k/dmem_v, grid (cdiv(S, BLOCK_N), B, G), likewise.
+  2. dq, grid (cdiv(Tq, BLOCK_M), R, H), all paths, plus DW of the remaining ("derived") path;
+  3. dk/dv, grid (cdiv(Tk, BLOCK_N), R, G) (max_seqlen_k when packed), looping over the H/G
+     query heads of the group;
+  4. dmem_k/dmem_v, grid (cdiv(S, BLOCK_N), R, G), likewise.
   dweights[h, p] = sum_{b,i} DW[b, h, p, i] (a small torch reduction of the (B, H, 3, Tq) DW).
 
 Entry points: ``hybrid_attention_triton`` (autograd); ``hybrid_attention_triton_forward`` and
@@ -25,8 +37,13 @@ configurations, shared by the launches and ``python -m chunkmem.compile_check``)
 Precision: softmax statistics and accumulators in fp32; fp16/bf16 tiles feed the tensor cores,
 fp32 inputs use exact fp32 dots. RoPE angles are exact fixed-point (see the kernels' ``_rope``).
 Unsupported (-> torch backend): head dims other than 32/64/128/256, the backward at D = 256
-on a GPU (no spill-free configuration), bf16 in the interpreter, pre-sm_80 GPUs, B or H
-above 65535 (CUDA grid axes), T * D >= 2**31, positions outside int32.
+on a GPU (no spill-free configuration), bf16 in the interpreter, pre-sm_80 GPUs, rows (B, or
+N documents) or H above 65535 (CUDA grid axes), T * D >= 2**31; with an int start_pos and
+neither kv ranges nor documents, positions start_pos + Tk outside int32 (the v1 code path
+computes positions in int32); with kv ranges, documents or a start_pos tensor, a chunk_size of
+2**31 or more. Positions: the ranged and packed code computes them in int64 from the int64
+start positions, so a start_pos tensor needs no check (which would cost a device sync); RoPE's
+fixed-point angles then stay within pos * 2**-49 turns of exact (see the kernels' _rope).
 
 Activation memory saved for the backward, beyond the inputs and the output: LSE (B, H, 3, Tq)
 fp32 (log2 units), 12 bytes per query row and head, O(B*H*Tq) as SPEC §1 asks. The per-path
@@ -141,8 +158,10 @@ def block_config(kind: str, dtype: torch.dtype, head_dim: int, interpret: bool |
 
 
 def unsupported_reason(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_global,
-                       rope_base, start_pos, scale):
-    """None when the kernels handle these (normalized) arguments, else a string saying why not."""
+                       rope_base, start_pos, scale, kv_start=None, kv_end=None, cu_seqlens_q=None,
+                       cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+    """None when the kernels handle these (normalized) arguments, else a string saying why not.
+    Reads shapes and Python ints only (no device sync)."""
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} is not supported (fp32, fp16, bf16)"
     D = q.shape[-1]
@@ -167,9 +186,14 @@ def unsupported_reason(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, u
         return f"device {q.device.type} is not supported"
     if max(q.shape[2], k.shape[2], mem_k.shape[2] if mem_k is not None else 0) * D >= 2 ** 31:
         return "sequence too long for 32-bit in-head offsets (T * D >= 2**31)"
-    if max(q.shape[0], q.shape[1]) > 65535:
-        return "B or H > 65535 exceeds the CUDA grid's second or third axis"
-    if not (-2 ** 31 <= int(start_pos) and int(start_pos) + k.shape[2] < 2 ** 31):
+    packed = cu_seqlens_q is not None
+    rows = cu_seqlens_q.shape[0] - 1 if packed else q.shape[0]
+    if max(rows, q.shape[1]) > 65535:
+        return "B (or the number of documents) or H > 65535 exceeds the CUDA grid's second or third axis"
+    if _wide(start_pos, kv_start, cu_seqlens_q):
+        if chunk_size is not None and chunk_size >= 2 ** 31:
+            return "chunk_size >= 2**31 with kv ranges, documents or a start_pos tensor"
+    elif not (0 <= start_pos and start_pos + k.shape[2] < 2 ** 31):
         return "positions start_pos .. start_pos + Tk must fit in int32"
     return None
 
@@ -193,10 +217,74 @@ def _arch(q) -> int:
     return gpu_arch(q.device) if q.device.type == "cuda" else 80
 
 
-def _chunk(chunk_size, Tk: int) -> int:
-    """Chunk size for the kernels: membership is unchanged by clamping it to Tk, which keeps the
-    index arithmetic in int32; 1 (unused) when there is no chunk path."""
-    return 1 if chunk_size is None else min(int(chunk_size), Tk)
+def _wide(start_pos, kv_start, cu_seqlens_q) -> bool:
+    """Whether a call runs the kernels' per-row code (RANGES or PACKED): kv ranges, packed
+    documents or a start_pos tensor."""
+    return kv_start is not None or cu_seqlens_q is not None or isinstance(start_pos, torch.Tensor)
+
+
+def _chunk_args(chunk_size, start_pos, Tk: int, wide: bool):
+    """(chunk_size, chunk_phase) kernel arguments. Chunks are counted by position (key j is in
+    chunk (start_pos + j) // chunk_size); the kernels work in key indices with
+    phase = start_pos mod chunk_size. For the v1 code path (int start_pos) both are reduced
+    here to values below Tk + 1, with the same chunk boundaries among keys 0 .. Tk - 1 (at most
+    one boundary when chunk_size >= Tk), which keeps the kernels' index arithmetic in int32.
+    The per-row code (wide) takes the chunk size as is and the phase of each row from its
+    start position, in int64. (1, 0) when there is no chunk path."""
+    if chunk_size is None or Tk == 0:
+        return 1, 0
+    C = int(chunk_size)
+    if wide:
+        return C, 0
+    if C <= Tk:
+        return C, start_pos % C
+    b0 = (-start_pos) % C  # the first key index at a chunk boundary
+    return Tk, (Tk - b0) % Tk if b0 < Tk else 0
+
+
+_DUMMIES = {}
+
+
+def _dummy(device, dtype):
+    """A one-element tensor for a pointer argument that the launched code never reads."""
+    key = (str(device), dtype)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.zeros(1, dtype=dtype, device=device)
+    return _DUMMIES[key]
+
+
+def _row_args(q, k, chunk_size, start_pos, kv_start, kv_end, cu_q, cu_k, max_sq, max_sk):
+    """The kernels' row arguments -> dict(ptrs=(KV_START, KV_END, CU_Q, CU_K, SPOS),
+    ints=(chunk_size, chunk_phase, start_pos), flags=dict(RANGES, PACKED), R (grid rows),
+    nq, nk (the longest row's queries and keys, for the grids)). Tensors stay on the device:
+    a start_pos tensor alone gets kv ranges (0, Tk), an int start_pos with ranges or documents
+    a (R,) int64 tensor of it (fills, no sync)."""
+    dev = q.device
+    Tq, Tk = q.shape[2], k.shape[2]
+    packed = cu_q is not None
+    wide = _wide(start_pos, kv_start, cu_q)
+    R = cu_q.shape[0] - 1 if packed else q.shape[0]
+    i32, i64 = _dummy(dev, torch.int32), _dummy(dev, torch.int64)
+    ranges = wide and not packed
+    if ranges and kv_start is None:
+        kv_start = torch.zeros(R, dtype=torch.int32, device=dev)
+        kv_end = torch.full((R,), Tk, dtype=torch.int32, device=dev)
+    if wide:
+        spos = (start_pos.to(device=dev, dtype=torch.int64).contiguous()
+                if isinstance(start_pos, torch.Tensor)
+                else torch.full((R,), int(start_pos), dtype=torch.int64, device=dev))
+    C, phase = _chunk_args(chunk_size, 0 if wide else int(start_pos), Tk, wide)
+
+    def i32c(t):
+        return i32 if t is None else t.to(device=dev, dtype=torch.int32).contiguous()
+
+    return dict(
+        ptrs=(i32c(kv_start if ranges else None), i32c(kv_end if ranges else None),
+              i32c(cu_q), i32c(cu_k), spos if wide else i64),
+        ints=(C, phase, 0 if wide else int(start_pos)),
+        flags=dict(RANGES=ranges, PACKED=packed), R=R,
+        nq=Tq if not packed or max_sq is None else int(max_sq),
+        nk=Tk if not packed or max_sk is None else int(max_sk))
 
 
 def _mem_len_i32(mem_len, device):
@@ -212,9 +300,9 @@ def _dot_precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _launch(kernel, kind, q, n, heads, *args, **constexprs):
+def _launch(kernel, kind, q, n, rows, heads, *args, **constexprs):
     """Launch `kernel`, of KERNEL_KINDS `kind`, with block_config's configuration for q's dtype,
-    head dim and device: grid (cdiv(n, block), B, heads), the block being BLOCK_N for the kernels
+    head dim and device: grid (cdiv(n, block), rows, heads), the block being BLOCK_N for the kernels
     over key (or slot) blocks, which also take KEY_MAJOR, else BLOCK_M. HEAD_DIM, the block sizes
     and DOT_PREC join the other constexprs."""
     D = q.shape[-1]
@@ -222,14 +310,14 @@ def _launch(kernel, kind, q, n, heads, *args, **constexprs):
     over_keys = kind in ("bwd_dkdv", "bwd_dmem")
     if over_keys:
         constexprs["KEY_MAJOR"] = cfg["KEY_MAJOR"]
-    grid = (triton_cdiv(n, cfg["BLOCK_N" if over_keys else "BLOCK_M"]), q.shape[0], heads)
+    grid = (triton_cdiv(n, cfg["BLOCK_N" if over_keys else "BLOCK_M"]), rows, heads)
     kernel[grid](*args, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                  DOT_PREC=_dot_precision(q.dtype), **constexprs,
                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def _forward_impl(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global, rope_base,
-                  start_pos, scale):
+                  start_pos, scale, kv_start, kv_end, cu_q, cu_k, max_sq, max_sk):
     """Launch the forward kernel -> (out (B, H, Tq, D), lse (B, H, 3, Tq) fp32)."""
     from chunkmem.kernels.hybrid_attention import hybrid_attention_fwd_kernel
 
@@ -250,12 +338,12 @@ def _forward_impl(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_globa
     # Rows of paths that are off stay 0 (lse is an output of the torch.library op: no junk).
     lse = torch.zeros(B, H, 3, Tq, dtype=torch.float32, device=q.device)
     if out.numel() > 0:
-        _launch(hybrid_attention_fwd_kernel, "fwd", q, Tq, H,
+        ra = _row_args(q, k, chunk_size, start_pos, kv_start, kv_end, cu_q, cu_k, max_sq, max_sk)
+        _launch(hybrid_attention_fwd_kernel, "fwd", q, ra["nq"], ra["R"], H,
                 q, k, v, mem_k, mem_v, w, mem_len, _rope_step(D, rope_base, q.device), out, lse,
-                H, G, Tq, Tk, S, _chunk(chunk_size, Tk), int(start_pos),
-                float(scale) * math.log2(math.e),
+                *ra["ptrs"], H, G, Tq, Tk, S, *ra["ints"], float(scale) * math.log2(math.e),
                 USE_GLOBAL=bool(use_global), HAS_CHUNK=has_chunk, HAS_MEM=has_mem,
-                ROPE=rope_base is not None)
+                ROPE=rope_base is not None, **ra["flags"])
     return out, lse
 
 
@@ -269,23 +357,34 @@ class _HybridAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global, rope_base, start_pos, \
-            scale = inputs
+        (q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global, rope_base, start_pos,
+         scale, kv_start, kv_end, cu_q, cu_k, max_sq, max_sk) = inputs
         out, lse = output
         ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(q, k, v, mem_k, mem_v, weights, mem_len, out, lse)
-        ctx.meta = _meta(k, mem_k, chunk_size, use_global, rope_base, start_pos, scale)
+        # The row tensors are inputs (no extra memory); a start_pos tensor travels with them.
+        sp_tensor = start_pos if isinstance(start_pos, torch.Tensor) else None
+        ctx.save_for_backward(q, k, v, mem_k, mem_v, weights, mem_len, out, lse,
+                              kv_start, kv_end, cu_q, cu_k, sp_tensor)
+        ctx.meta = _meta(mem_k, chunk_size, use_global, rope_base,
+                         None if sp_tensor is not None else start_pos, scale, max_sq, max_sk)
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        grads = _backward_impl(dout, *ctx.saved_tensors, ctx.meta, ctx.needs_input_grad)
-        return (*grads, None, None, None, None, None, None)
+        *saved, kv_start, kv_end, cu_q, cu_k, sp_tensor = ctx.saved_tensors
+        meta = dict(ctx.meta, kv_start=kv_start, kv_end=kv_end, cu_q=cu_q, cu_k=cu_k)
+        if sp_tensor is not None:
+            meta["start_pos"] = sp_tensor
+        grads = _backward_impl(dout, *saved, meta, ctx.needs_input_grad)
+        return (*grads, None) + (None,) * 11
 
 
-def _meta(k, mem_k, chunk_size, use_global, rope_base, start_pos, scale):
-    return dict(C=_chunk(chunk_size, k.shape[2]), use_global=bool(use_global),
+def _meta(mem_k, chunk_size, use_global, rope_base, start_pos, scale, max_sq, max_sk, **rows):
+    """The forward's non-tensor arguments for _backward_impl (rows: kv_start, kv_end, cu_q,
+    cu_k)."""
+    return dict(chunk_size=chunk_size, use_global=bool(use_global),
                 has_chunk=chunk_size is not None, has_mem=mem_k is not None,
-                rope_base=rope_base, start_pos=int(start_pos), scale=float(scale))
+                rope_base=rope_base, start_pos=start_pos, scale=float(scale), max_sq=max_sq,
+                max_sk=max_sk, **rows)
 
 
 def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, m, need):
@@ -310,9 +409,12 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, m, n
     mem_len = _mem_len_i32(mem_len, q.device)
     w = weights.detach().to(device=q.device, dtype=torch.float32).contiguous()
     rope_step = _rope_step(D, m["rope_base"], q.device)
+    ra = _row_args(q, k, m["chunk_size"], m["start_pos"], m["kv_start"], m["kv_end"], m["cu_q"],
+                   m["cu_k"], m["max_sq"], m["max_sk"])
+    ptrs, R = ra["ptrs"], ra["R"]
     dout = dout.contiguous()
     flags = dict(USE_GLOBAL=m["use_global"], HAS_CHUNK=m["has_chunk"],
-                 ROPE=m["rope_base"] is not None)
+                 ROPE=m["rope_base"] is not None, **ra["flags"])
     qk_scale = m["scale"] * math.log2(math.e)
     run = dout.numel() > 0
     run_dq = run and (need[0] or need[5])  # the dq kernel also sums the derived path's DW
@@ -330,45 +432,48 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, m, n
     di = torch.zeros(B, H, 3, Tq, dtype=torch.float32, device=q.device)
     dw_rows = torch.zeros(B, H, 3, Tq, dtype=torch.float32, device=q.device)
     if run:
-        _launch(hybrid_attention_bwd_preprocess_kernel, "bwd_preprocess", q, Tq, H,
+        _launch(hybrid_attention_bwd_preprocess_kernel, "bwd_preprocess", q, ra["nq"], R, H,
                 q, k, v, mem_k, mem_v, out.contiguous(), dout, w, mem_len, rope_step, lse, di,
-                dw_rows, H, G, Tq, Tk, S, m["C"], m["start_pos"], qk_scale,
+                dw_rows, *ptrs, H, G, Tq, Tk, S, *ra["ints"], qk_scale,
                 HAS_MEM=m["has_mem"], **flags)
     if run_dq:
-        _launch(hybrid_attention_bwd_dq_kernel, "bwd_dq", q, Tq, H,
+        _launch(hybrid_attention_bwd_dq_kernel, "bwd_dq", q, ra["nq"], R, H,
                 q, k, v, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, dw_rows, dq,
-                H, G, Tq, Tk, S, m["C"], m["start_pos"], qk_scale, m["scale"],
+                *ptrs, H, G, Tq, Tk, S, *ra["ints"], qk_scale, m["scale"],
                 HAS_MEM=m["has_mem"], **flags)
     if run_dkdv:
-        _launch(hybrid_attention_bwd_dkdv_kernel, "bwd_dkdv", q, Tk, G,
-                q, k, v, dout, w, rope_step, lse, di, dk, dv,
-                H, G, Tq, Tk, m["C"], m["start_pos"], qk_scale, m["scale"], **flags)
+        _launch(hybrid_attention_bwd_dkdv_kernel, "bwd_dkdv", q, ra["nk"], R, G,
+                q, k, v, dout, w, rope_step, lse, di, dk, dv, *ptrs,
+                H, G, Tq, Tk, *ra["ints"], qk_scale, m["scale"], **flags)
     if run_dmem:
-        _launch(hybrid_attention_bwd_dmem_kernel, "bwd_dmem", q, S, G,
-                q, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, dmk, dmv,
-                H, G, Tq, S, qk_scale, m["scale"])
+        _launch(hybrid_attention_bwd_dmem_kernel, "bwd_dmem", q, S, R, G,
+                q, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, dmk, dmv, *ptrs,
+                H, G, Tq, Tk, S, qk_scale, m["scale"], **ra["flags"])
     dw = dw_rows.sum(dim=(0, 3)).to(weights.dtype) if need[5] else None  # (H, 3)
     return dq, dk, dv, dmk, dmv, dw
 
 
 def hybrid_attention_triton(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_global,
-                            rope_base, start_pos, scale):
+                            rope_base, start_pos, scale, kv_start=None, kv_end=None,
+                            cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                            max_seqlen_k=None):
     """Fused Triton hybrid attention on normalized arguments (see module docstring) -> (B, H, Tq, D).
 
     Differentiable in q, k, v, mem_k, mem_v and weights. Every kernel is deterministic (no
     atomics): the same inputs give bitwise-identical outputs and gradients.
     """
     return _HybridAttentionFn.apply(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size,
-                                    use_global, rope_base, start_pos, scale)[0]
+                                    use_global, rope_base, start_pos, scale, kv_start, kv_end,
+                                    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)[0]
 
 
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time compile variants (used by `python -m chunkmem.compile_check`)
 # ----------------------------------------------------------------------------------------------
 _FP32_PTRS = {"W", "LSE", "DI", "DW"}
-_I32_PTRS = {"MEMLEN"}
-_I64_PTRS = {"ROPE_STEP"}
-_I32_ARGS = {"H", "G", "Tq", "Tk", "S", "chunk_size", "start_pos"}
+_I32_PTRS = {"MEMLEN", "KV_START", "KV_END", "CU_Q", "CU_K"}
+_I64_PTRS = {"ROPE_STEP", "SPOS"}
+_I32_ARGS = {"H", "G", "Tq", "Tk", "S", "chunk_size", "chunk_phase", "start_pos"}
 _F32_ARGS = {"qk_scale", "scale"}
 
 
@@ -410,7 +515,9 @@ def compile_variants() -> list:
     (all but the backward at D = 256) with that configuration; one variant per arch
     (name suffix _sm80 / _sm90) where sm_90 has its own.
 
-    Each variant has all paths on and RoPE: the largest code of its kernel.
+    Each variant has all paths on, RoPE, and both the per-row key ranges and the packed
+    documents' code (RANGES and PACKED, which launches never combine): the largest code of its
+    kernel.
     Returns dicts with keys name, fn, signature, constexprs, num_warps, num_stages, archs (the
     compile targets it is launched on).
     """
@@ -423,7 +530,8 @@ def compile_variants() -> list:
         "bwd_dkdv": kern.hybrid_attention_bwd_dkdv_kernel,
         "bwd_dmem": kern.hybrid_attention_bwd_dmem_kernel,
     }
-    flags = dict(USE_GLOBAL=True, HAS_CHUNK=True, HAS_MEM=True, ROPE=True)
+    flags = dict(USE_GLOBAL=True, HAS_CHUNK=True, HAS_MEM=True, ROPE=True, RANGES=True,
+                 PACKED=True)
     variants = []
     for dtype in _DTYPES:
         tdt = TRITON_DTYPE[dtype]
@@ -449,25 +557,32 @@ def compile_variants() -> list:
 
 
 def hybrid_attention_triton_forward(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size,
-                                    use_global, rope_base, start_pos, scale):
+                                    use_global, rope_base, start_pos, scale, kv_start=None,
+                                    kv_end=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                                    max_seqlen_q=None, max_seqlen_k=None):
     """The forward kernel without autograd -> (out (B, H, Tq, D), lse (B, H, 3, Tq) fp32).
 
     For callers that keep the statistics themselves (the torch.library op): pass both to
     :func:`hybrid_attention_triton_backward`.
     """
     return _forward_impl(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global,
-                         rope_base, start_pos, scale)
+                         rope_base, start_pos, scale, kv_start, kv_end, cu_seqlens_q,
+                         cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 def hybrid_attention_triton_backward(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, *,
-                                     chunk_size, use_global, rope_base, start_pos, scale):
+                                     chunk_size, use_global, rope_base, start_pos, scale,
+                                     kv_start=None, kv_end=None, cu_seqlens_q=None,
+                                     cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
     """The backward kernels without autograd, from the forward's out and lse.
 
     dout: (B, H, Tq, D). Returns (dq, dk, dv, dmem_k, dmem_v, dweights), the memory gradients
     None without memory. For callers that cannot use autograd (a torch.library backward op):
     torch.func transforms cannot run the kernels, whose tensors must be plain.
     """
-    meta = _meta(k, mem_k, chunk_size, use_global, rope_base, start_pos, scale)
+    meta = _meta(mem_k, chunk_size, use_global, rope_base, start_pos, scale, max_seqlen_q,
+                 max_seqlen_k, kv_start=kv_start, kv_end=kv_end, cu_q=cu_seqlens_q,
+                 cu_k=cu_seqlens_k)
     has_mem = mem_k is not None
     need = (True, True, True, has_mem, has_mem, True)
     return _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, meta, need)

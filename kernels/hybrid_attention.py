@@ -1,10 +1,21 @@
-"""Fused Triton kernels of hybrid attention (SPEC §1): forward and backward, ``@triton.jit`` only.
+"""Fused Triton kernels of hybrid attention (SPEC §1, §1b): forward and backward, ``@triton.jit`` only.
 
 Launch, block sizes and autograd live in :mod:`chunkmem.triton_attention`. Layout (all tensors
 contiguous): q, out, do, dq (B, H, Tq, D); k, v, dk, dv (B, G, Tk, D); mem_k, mem_v, dmem_k, dmem_v
-(B, G, S, D); weights (H, 3) fp32; mem_len (B,) int32; rope_step (D/2,) int64
+(Bm, G, S, D); weights (H, 3) fp32; mem_len (Bm,) int32; rope_step (D/2,) int64
 (``rope_base ** (-2t/D) / (2 pi)`` in units of 2**-48 turns); the per-row statistics LSE, DI and
 DW (B, H, 3, Tq) fp32, path index 0 = global, 1 = chunk, 2 = memory.
+
+Rows (SPEC §1b; see ``_row_geometry``). The second grid axis runs over rows r: batch rows
+(Bm = B), or with ``PACKED`` the N documents of batch row 0 (Bm = N; cu_seqlens_q/_k (N+1,)
+int32), whose programs past the document's length return at once. A row has nq queries and
+valid keys [k_lo, k_hi); query i sits at key index ``a_i = i + off`` (off = k_hi - nq) and key
+j at position ``j + shift``. By default (no flag) k_lo = 0, k_hi = Tk, shift = start_pos (an
+int32 argument), the v1 code path. ``RANGES``: per-row kv_start / kv_end (int32 (B,)) and a
+start position (int64 (Bm,)) read from device tensors; positions and chunk phases then in
+int64. A query with ``a_i < k_lo`` (a padding query) gets output 0, empty-row LSEs and no
+gradient; keys outside [k_lo, k_hi) load as 0, are masked, and get dk = dv = 0. Tiles without
+a valid key are skipped (loop bounds from k_lo, k_hi).
 
 Backward statistics, with O_p the normalized output of path p and out = sum_p w_p O_p:
 ``DW_p = rowsum(dO * O_p)`` (its sum over rows is dweights[p]) and ``DI_p = w_p * DW_p``, so that
@@ -25,11 +36,14 @@ Conventions:
   valid key keeps ``l = 0`` and gives output 0 and ``LSE = _EMPTY_LSE`` (finite), never NaN.
   In the forward, preprocess and dq kernels only the tiles that need it are masked: key tiles
   below the diagonal and before the chunk window of every row of a query block run unmasked
-  (``MASKED=False``). The dk/dv kernel masks every tile (a few integer compares) so that its
-  loop has a single body, and computes the chunk path only for the query tiles in the key
-  block's chunk windows (a runtime branch).
-- Padded query rows (i >= Tq) are not masked in the score tiles: their q, dO, LSE and DI load
-  as 0, so they contribute exactly 0 to dk/dv, and their outputs are never stored.
+  (``MASKED=False``; with RANGES they still mask keys before k_lo). The dk/dv kernel masks every
+  tile (a few integer compares) so that its loop has a single body, and computes the chunk path
+  only for the query tiles in the key block's chunk windows (a runtime branch).
+- Chunks are counted by position: key j is in chunk ``(j + shift) // chunk_size``; the kernels
+  work in key indices with ``phase = shift mod chunk_size`` (``_chunk_start``).
+- Padded query rows (i >= nq) and padding queries are not masked in the backward's score tiles:
+  their q, dO, LSE and DI load as 0, so they contribute exactly 0 to dk/dv, and the rows past
+  nq are never stored.
 - RoPE angles are computed exactly in fixed point (see ``_rope``), so their accuracy does not
   degrade with the position.
 - One generic loop per direction serves every path: "state 1" / "state 2" are (global, chunk)
@@ -148,60 +162,159 @@ def _along_keys(x, KEY_MAJOR: tl.constexpr):
 
 
 @triton.jit
-def _mask_scores(s, rows, cols, off, n_keys, first_key, chunk_size, MEM: tl.constexpr,
-                 MASKED: tl.constexpr, DO_2, KEY_MAJOR: tl.constexpr):
+def _chunk_start(a, phase, chunk_size, WIDE: tl.constexpr):
+    """Key index of the first key of the chunk of key index a (M,): chunks are counted by
+    position, pos(j) = j + shift, and phase = shift mod chunk_size. WIDE: int64 arithmetic
+    (per-row phases from device tensors, up to chunk_size - 1), clamped to -1 below and int32;
+    otherwise int32 (the launcher's phase and chunk size are below 2 Tk + 2)."""
+    if WIDE:
+        x = a.to(tl.int64) + phase
+        return tl.maximum((x // chunk_size) * chunk_size - phase, -1).to(tl.int32)
+    else:
+        return ((a + phase) // chunk_size) * chunk_size - phase
+
+
+@triton.jit
+def _chunk_end(j, phase, chunk_size, limit, WIDE: tl.constexpr):
+    """One past the last key index of key index j's chunk (j >= 0), at most limit."""
+    if WIDE:
+        x = j.to(tl.int64) + phase
+        return tl.minimum((x // chunk_size + 1) * chunk_size - phase, limit).to(tl.int32)
+    else:
+        return tl.minimum(((j + phase) // chunk_size + 1) * chunk_size - phase, limit)
+
+
+@triton.jit
+def _mask_scores(s, rows, cols, off, n_keys, first_key, q_lo, chunk_size, phase,
+                 MEM: tl.constexpr, MASKED: tl.constexpr, DO_2, KEY_MAJOR: tl.constexpr,
+                 RANGES: tl.constexpr, WIDE: tl.constexpr):
     """Scores of states 1 and 2 with invalid pairs set to -inf; s is (M, N) (queries rows,
     keys cols), or (N, M) when KEY_MAJOR.
 
-    MEM: state 1 = memory slots [first_key, n_keys). Otherwise state 1 = global (key j <= a_i,
-    a_i = i + off; no mask when not MASKED: the caller knows the whole tile is valid) and
-    state 2 = chunk (global and j >= the start of a_i's chunk). Padded query rows (i >= Tq) are
-    not masked: their q, dO and statistics load as 0, so they contribute exactly 0.
+    MEM: state 1 = memory slots [first_key, n_keys) (and, with RANGES, only for the rows
+    i >= q_lo: padding queries see no slot). Otherwise state 1 = global (key j <= a_i,
+    a_i = i + off, and with RANGES j >= first_key, the row's first valid key; not masked when
+    not MASKED: the caller knows the whole tile is valid, but for RANGES' lower bound) and
+    state 2 = chunk (global and j >= the start of a_i's chunk, see _chunk_start). Padded query
+    rows (i >= Tq) and padding queries (a_i < first valid key) need no mask in the backward:
+    their q, dO and statistics load as 0, so they contribute exactly 0.
     """
     if MEM:
-        s1 = tl.where(_along_keys((cols >= first_key) & (cols < n_keys), KEY_MAJOR), s,
-                      float("-inf"))
+        ok = _along_keys((cols >= first_key) & (cols < n_keys), KEY_MAJOR)
+        if RANGES:
+            ok = ok & _along_queries(rows >= q_lo, KEY_MAJOR)
+        s1 = tl.where(ok, s, float("-inf"))
         s2 = s1
     else:
         a = rows + off
         key = _along_keys(cols, KEY_MAJOR)
         if MASKED:
-            s1 = tl.where(key <= _along_queries(a, KEY_MAJOR), s, float("-inf"))
+            ok = key <= _along_queries(a, KEY_MAJOR)
+            if RANGES:
+                ok = ok & (key >= first_key)
+            s1 = tl.where(ok, s, float("-inf"))
+        elif RANGES:
+            s1 = tl.where(key >= first_key, s, float("-inf"))
         else:
             s1 = s
         if DO_2:
-            s2 = tl.where(key >= _along_queries((a // chunk_size) * chunk_size, KEY_MAJOR), s1,
-                          float("-inf"))
+            start = _chunk_start(a, phase, chunk_size, WIDE)
+            s2 = tl.where(key >= _along_queries(start, KEY_MAJOR), s1, float("-inf"))
         else:
             s2 = s1
     return s1, s2
 
 
 @triton.jit
-def _key_range(m0, Tq, off, chunk_size, HAS_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+def _key_range(m0, nq, off, k_lo, chunk_size, phase, HAS_CHUNK: tl.constexpr,
+               RANGES: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr):
-    """Key blocks of query block [m0, m0 + BLOCK_M): [0, split) lie below every row's diagonal
-    and before every row's chunk (global path only, no mask); [split, hi) need masks. Keys at
-    or after hi are above the diagonal of every row."""
-    hi = tl.minimum(m0 + BLOCK_M, Tq) + off
+    """Key blocks of query block [m0, m0 + BLOCK_M) of a row with nq queries and valid keys
+    from k_lo: [lo, split) lie below every row's diagonal and before every row's chunk
+    (global path only, no mask but RANGES' lower bound k_lo); [split, hi) need masks. Keys at
+    or after hi are above the diagonal of every row; keys before lo are not valid. A block
+    holding a padding query (a_i < k_lo) has no unmasked block; one of padding queries only
+    has none at all."""
+    hi = tl.minimum(m0 + BLOCK_M, nq) + off
     first = m0 + off  # key index a of the block's first row
+    if RANGES:
+        first = tl.maximum(first, k_lo)
     if HAS_CHUNK:
-        first = (first // chunk_size) * chunk_size
-    return (first // BLOCK_N) * BLOCK_N, hi
+        first = _chunk_start(first, phase, chunk_size, WIDE)
+    split = (first // BLOCK_N) * BLOCK_N
+    if RANGES:
+        lo = (k_lo // BLOCK_N) * BLOCK_N
+        split = tl.maximum(split, lo)
+        hi = tl.where(hi > k_lo, hi, split)
+    else:
+        lo = 0
+    return lo, split, hi
 
 
 @triton.jit
-def _query_range(n0, Tq, Tk, off, chunk_size, HAS_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+def _query_range(n0, nq, off, k_lo, k_hi, chunk_size, phase, HAS_CHUNK: tl.constexpr,
+                 RANGES: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr):
-    """Query blocks that see key block [n0, n0 + BLOCK_N): [lo, split) need masks (diagonal,
-    chunk window), [split, Tq) see every key of the block through the global path only."""
-    lo = (tl.maximum(n0 - off, 0) // BLOCK_M) * BLOCK_M
+    """Query blocks that see key block [n0, n0 + BLOCK_N) of a row with nq queries and valid
+    keys [k_lo, k_hi): [lo, split) need masks (diagonal, chunk window), [split, hi) see every
+    valid key of the block through the global path only. Empty when the block holds no valid
+    key."""
+    first = n0
+    if RANGES:
+        first = tl.maximum(n0, k_lo)
+    lo = (tl.maximum(first - off, 0) // BLOCK_M) * BLOCK_M
     q_hi = n0 + BLOCK_N - off  # rows with a_i >= n0 + BLOCK_N see the whole block
     if HAS_CHUNK:
-        last = tl.minimum(n0 + BLOCK_N, Tk) - 1
-        q_hi = tl.maximum(q_hi, (last // chunk_size + 1) * chunk_size - off)
-    q_hi = tl.minimum(q_hi, Tq)
-    return lo, lo + tl.cdiv(tl.maximum(q_hi - lo, 0), BLOCK_M) * BLOCK_M
+        last = tl.minimum(n0 + BLOCK_N, k_hi) - 1
+        q_hi = tl.maximum(q_hi, _chunk_end(last, phase, chunk_size, k_hi, WIDE) - off)
+    q_hi = tl.minimum(q_hi, nq)
+    split = lo + tl.cdiv(tl.maximum(q_hi - lo, 0), BLOCK_M) * BLOCK_M
+    hi = nq
+    if RANGES:
+        empty = (n0 + BLOCK_N <= k_lo) | (n0 >= k_hi)
+        split = tl.where(empty, lo, split)
+        hi = tl.where(empty, lo, hi)
+    return lo, split, hi
+
+
+@triton.jit
+def _row_geometry(r, Tq, Tk, chunk_size, chunk_phase, start_pos, KV_START, KV_END, CU_Q, CU_K,
+                  SPOS, RANGES: tl.constexpr, PACKED: tl.constexpr):
+    """Where row r (batch row, or document with PACKED) lives and what it sees.
+
+    Returns b (batch index of its q, k, v), q0 / k0 (its first query / key along the Tq / Tk
+    axis), nq (its queries), k_lo, k_hi (its valid keys, key indices relative to k0), off
+    (a_i = i + off), shift (position of key index j = j + shift) and phase (shift mod
+    chunk_size, see _chunk_start). With neither flag: the whole (Tq, Tk) row, positions from
+    the start_pos argument, phase from chunk_phase. RANGES: keys [KV_START[r], KV_END[r]).
+    PACKED: document r of row 0, queries CU_Q[r]:CU_Q[r+1], keys CU_K[r]:CU_K[r+1]. Either:
+    position SPOS[r] (int64) at the first valid key, shift and phase in int64 arithmetic.
+    """
+    if PACKED:
+        b = 0
+        q0 = tl.load(CU_Q + r)
+        nq = tl.load(CU_Q + r + 1) - q0
+        k0 = tl.load(CU_K + r)
+        k_hi = tl.load(CU_K + r + 1) - k0
+    else:
+        b = r
+        q0 = 0
+        nq = Tq
+        k0 = 0
+        k_hi = Tk
+    if RANGES:
+        k_lo = tl.load(KV_START + r)
+        k_hi = tl.load(KV_END + r)
+    else:
+        k_lo = 0
+    off = k_hi - nq
+    if RANGES or PACKED:
+        shift = tl.load(SPOS + r) - k_lo
+        phase = (((shift % chunk_size) + chunk_size) % chunk_size).to(tl.int32)
+    else:
+        shift = start_pos
+        phase = chunk_phase
+    return b, q0, nq, k0, k_lo, k_hi, off, shift, phase
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,20 +341,32 @@ def _finish(m_i, l_i, acc):
 
 
 @triton.jit
+def _key_mask(cols, n_keys, first_key, RANGES: tl.constexpr):
+    """Keys (or slots) of a block that are loaded: below n_keys and, with RANGES, from
+    first_key on (keys outside a row's range load as 0: a pre-allocated cache may hold
+    anything there)."""
+    ok = cols < n_keys
+    if RANGES:
+        ok = ok & (cols >= first_key)
+    return ok
+
+
+@triton.jit
 def _fwd_loop(m1, l1, acc1, m2, l2, acc2, q1, q2, rows, k_ptr, v_ptr, ROPE_STEP,
-              off, n_keys, first_key, chunk_size, start_pos, qk_scale, lo, hi,
+              off, n_keys, first_key, q_lo, chunk_size, phase, shift, qk_scale, lo, hi,
               HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
-              ROPE: tl.constexpr, DOT_PREC: tl.constexpr):
+              ROPE: tl.constexpr, RANGES: tl.constexpr, WIDE: tl.constexpr,
+              DOT_PREC: tl.constexpr):
     """Online softmax of states 1 and 2 over key blocks [lo, hi), one QK^T tile per block."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_keys
-        k1, k2 = _load_rot(k_ptr, cols, col_ok, start_pos + cols, ROPE_STEP, HALF, HEAD_DIM, ROPE)
+        col_ok = _key_mask(cols, n_keys, first_key, RANGES)
+        k1, k2 = _load_rot(k_ptr, cols, col_ok, shift + cols, ROPE_STEP, HALF, HEAD_DIM, ROPE)
         v = _load_rows(v_ptr, cols, col_ok, HEAD_DIM)
         s = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
-        s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, chunk_size, MEM, MASKED, DO_2,
-                              False)
+        s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, q_lo, chunk_size, phase,
+                              MEM, MASKED, DO_2, False, RANGES, WIDE)
         if DO_1:
             m1, l1, acc1 = _online_softmax_step(m1, l1, acc1, s1, v, DOT_PREC)
         if DO_2:
@@ -250,62 +375,91 @@ def _fwd_loop(m1, l1, acc1, m2, l2, acc2, q1, q2, rows, k_ptr, v_ptr, ROPE_STEP,
 
 
 @triton.jit
-def _finish_path(out, m_i, l_i, acc, w, lse_ptr, rows, row_ok):
+def _finish_path(out, m_i, l_i, acc, w, lse_ptr, rows, row_in):
     """Add w * O_p to out and save the path's LSE."""
     o, lse = _finish(m_i, l_i, acc)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    tl.store(lse_ptr + rows, lse, mask=row_in)
     return out + w * o
 
 
 @triton.jit
-def _query_program(H, G, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Indices of a (query block, b, h) program: batch b, head h, its kv row bg = b * G + g,
-    the block's first row m0, its rows (BLOCK_M,) and their mask, the offset of this head's
-    (Tq, D) rows and of its (3, Tq) per-path statistics."""
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
+def _query_program(H, G, Tq, Tk, chunk_size, chunk_phase, start_pos, KV_START, KV_END, CU_Q,
+                   CU_K, SPOS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                   RANGES: tl.constexpr, PACKED: tl.constexpr):
+    """Indices of a (query block, row r, head h) program (see _row_geometry): the kv row
+    bg = b * G + g and memory row mg = r * G + g (int64), the block's first query m0, its
+    rows (BLOCK_M,), row_in (rows < nq: rows to store) and row_ok (row_in and, with RANGES, not
+    a padding query: rows to load), the offset of this head's first (query, D) row and of its
+    (3, Tq) statistics, and the row geometry."""
+    r = tl.program_id(1)
     h = tl.program_id(2)
-    bh = b * H + h
-    bg = (b * G + h // (H // G)).to(tl.int64)
-    m0 = pid_m * BLOCK_M
+    b, q0, nq, k0, k_lo, k_hi, off, shift, phase = _row_geometry(
+        r, Tq, Tk, chunk_size, chunk_phase, start_pos, KV_START, KV_END, CU_Q, CU_K, SPOS,
+        RANGES, PACKED)
+    g = h // (H // G)
+    bh = (b * H + h).to(tl.int64)
+    m0 = tl.program_id(0) * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
-    return b, h, bg, m0, rows, rows < Tq, bh.to(tl.int64) * Tq * HEAD_DIM, bh.to(tl.int64) * 3 * Tq
+    row_in = rows < nq
+    row_ok = row_in
+    if RANGES:
+        row_ok = row_ok & (rows >= k_lo - off)
+    return (h, (b * G + g).to(tl.int64), (r * G + g).to(tl.int64), m0, rows, row_in, row_ok,
+            (bh * Tq + q0) * HEAD_DIM, bh * 3 * Tq + q0, r, nq, k0, k_lo, k_hi, off, shift, phase)
+
+
+@triton.jit
+def _mem_range(m0, first, S, q_lo, RANGES: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """First slot block of the memory loop of query block m0 (S, an empty loop, when the block
+    holds padding queries only)."""
+    lo = (first // BLOCK_N) * BLOCK_N
+    if RANGES:
+        lo = tl.where(m0 + BLOCK_M > q_lo, lo, S)
+    return lo
 
 
 @triton.jit
 def hybrid_attention_fwd_kernel(
-    Q, K, V, MK, MV, W, MEMLEN, ROPE_STEP, OUT, LSE,
-    H, G, Tq, Tk, S, chunk_size, start_pos, qk_scale,
+    Q, K, V, MK, MV, W, MEMLEN, ROPE_STEP, OUT, LSE, KV_START, KV_END, CU_Q, CU_K, SPOS,
+    H, G, Tq, Tk, S, chunk_size, chunk_phase, start_pos, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
-    ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    ROPE: tl.constexpr, RANGES: tl.constexpr, PACKED: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """One program per (query block, b, h): out = w_g O_g + w_c O_c + w_m O_m and the LSE of
-    each path."""
+    """One program per (query block, row or document, h): out = w_g O_g + w_c O_c + w_m O_m
+    and the LSE of each path."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    b, h, bg, m0, rows, row_ok, q_off, stats_off = _query_program(H, G, Tq, HEAD_DIM, BLOCK_M)
-    off = Tk - Tq
+    WIDE: tl.constexpr = RANGES or PACKED
+    (h, bg, mg, m0, rows, row_in, row_ok, q_off, stats_off, r, nq, k0, k_lo, k_hi, off, shift,
+     phase) = _query_program(H, G, Tq, Tk, chunk_size, chunk_phase, start_pos, KV_START, KV_END,
+                             CU_Q, CU_K, SPOS, HEAD_DIM, BLOCK_M, RANGES, PACKED)
+    if PACKED:
+        if m0 >= nq:
+            return
+    q_lo = k_lo - off
     lse_ptr = LSE + stats_off
     out = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     # Memory path first (fewer live accumulators during the long key loop that follows):
-    # un-rotated q against the valid (right-aligned) slots of row b.
+    # un-rotated q against the valid (right-aligned) slots of memory row r.
     if HAS_MEM:
         q1, q2 = _load_rot(Q + q_off, rows, row_ok, rows, ROPE_STEP, HALF, HEAD_DIM, False)
-        first = S - tl.load(MEMLEN + b)
+        first = S - tl.load(MEMLEN + r)
         m_m = tl.full([BLOCK_M], _EMPTY_LSE, dtype=tl.float32)
         l_m = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc_m = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        mk_ptr = MK + bg * S * HEAD_DIM
-        mv_ptr = MV + bg * S * HEAD_DIM
+        mk_ptr = MK + mg * S * HEAD_DIM
+        mv_ptr = MV + mg * S * HEAD_DIM
         m_m, l_m, acc_m, _m, _l, _acc = _fwd_loop(
             m_m, l_m, acc_m, m_m, l_m, acc_m, q1, q2, rows, mk_ptr, mv_ptr, ROPE_STEP,
-            off, S, first, chunk_size, start_pos, qk_scale, (first // BLOCK_N) * BLOCK_N, S,
-            HALF, HEAD_DIM, BLOCK_N, True, False, True, True, False, DOT_PREC)
+            off, S, first, q_lo, chunk_size, phase, 0, qk_scale,
+            _mem_range(m0, first, S, q_lo, RANGES, BLOCK_M, BLOCK_N), S,
+            HALF, HEAD_DIM, BLOCK_N, True, False, True, True, False, RANGES, WIDE, DOT_PREC)
         w_m = tl.load(W + h * 3 + 2)
-        out = _finish_path(out, m_m, l_m, acc_m, w_m, lse_ptr + 2 * Tq, rows, row_ok)
+        out = _finish_path(out, m_m, l_m, acc_m, w_m, lse_ptr + 2 * Tq, rows, row_in)
     # Global and chunk paths: one pass over the key blocks up to the diagonal (RoPE'd q).
-    q1, q2 = _load_rot(Q + q_off, rows, row_ok, start_pos + off + rows, ROPE_STEP, HALF, HEAD_DIM,
+    q1, q2 = _load_rot(Q + q_off, rows, row_ok, shift + off + rows, ROPE_STEP, HALF, HEAD_DIM,
                        ROPE)
     m_g = tl.full([BLOCK_M], _EMPTY_LSE, dtype=tl.float32)
     l_g = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -313,27 +467,29 @@ def hybrid_attention_fwd_kernel(
     m_c = tl.full([BLOCK_M], _EMPTY_LSE, dtype=tl.float32)
     l_c = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_c = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    k_ptr = K + bg * Tk * HEAD_DIM
-    v_ptr = V + bg * Tk * HEAD_DIM
-    split, hi = _key_range(m0, Tq, off, chunk_size, HAS_CHUNK, BLOCK_M, BLOCK_N)
+    k_ptr = K + (bg * Tk + k0) * HEAD_DIM
+    v_ptr = V + (bg * Tk + k0) * HEAD_DIM
+    lo, split, hi = _key_range(m0, nq, off, k_lo, chunk_size, phase, HAS_CHUNK, RANGES, WIDE,
+                               BLOCK_M, BLOCK_N)
     if USE_GLOBAL:  # tiles fully below the diagonal and before the chunks: no mask
         m_g, l_g, acc_g, m_c, l_c, acc_c = _fwd_loop(
             m_g, l_g, acc_g, m_c, l_c, acc_c, q1, q2, rows, k_ptr, v_ptr, ROPE_STEP,
-            off, Tk, 0, chunk_size, start_pos, qk_scale, 0, split,
-            HALF, HEAD_DIM, BLOCK_N, True, False, False, False, ROPE, DOT_PREC)
+            off, k_hi, k_lo, q_lo, chunk_size, phase, shift, qk_scale, lo, split,
+            HALF, HEAD_DIM, BLOCK_N, True, False, False, False, ROPE, RANGES, WIDE, DOT_PREC)
     if USE_GLOBAL or HAS_CHUNK:  # chunk window and diagonal: masked, one QK^T per tile
         m_g, l_g, acc_g, m_c, l_c, acc_c = _fwd_loop(
             m_g, l_g, acc_g, m_c, l_c, acc_c, q1, q2, rows, k_ptr, v_ptr, ROPE_STEP,
-            off, Tk, 0, chunk_size, start_pos, qk_scale, split, hi,
-            HALF, HEAD_DIM, BLOCK_N, USE_GLOBAL, HAS_CHUNK, True, False, ROPE, DOT_PREC)
+            off, k_hi, k_lo, q_lo, chunk_size, phase, shift, qk_scale, split, hi,
+            HALF, HEAD_DIM, BLOCK_N, USE_GLOBAL, HAS_CHUNK, True, False, ROPE, RANGES, WIDE,
+            DOT_PREC)
     if USE_GLOBAL:
         w_g = tl.load(W + h * 3)
-        out = _finish_path(out, m_g, l_g, acc_g, w_g, lse_ptr, rows, row_ok)
+        out = _finish_path(out, m_g, l_g, acc_g, w_g, lse_ptr, rows, row_in)
     if HAS_CHUNK:
         w_c = tl.load(W + h * 3 + 1)
-        out = _finish_path(out, m_c, l_c, acc_c, w_c, lse_ptr + Tq, rows, row_ok)
+        out = _finish_path(out, m_c, l_c, acc_c, w_c, lse_ptr + Tq, rows, row_in)
 
-    _store_rows(OUT + q_off, rows, row_ok, out, HEAD_DIM)
+    _store_rows(OUT + q_off, rows, row_in, out, HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,7 +512,8 @@ def _path_grad(pw, ds, s, dp, lse, di, w, KEY_MAJOR: tl.constexpr):
 
 @triton.jit
 def _row_stat(x, row_ok, LOAD: tl.constexpr):
-    """x itself (M,), or, when LOAD, the rows that the (M,) pointers x point to (0 past Tq)."""
+    """x itself (M,), or, when LOAD, the rows that the (M,) pointers x point to (0 where not
+    row_ok)."""
     if LOAD:
         x = tl.load(x, mask=row_ok, other=0.0)
     return x
@@ -364,9 +521,10 @@ def _row_stat(x, row_ok, LOAD: tl.constexpr):
 
 @triton.jit
 def _tile_grads(q1, q2, k1, k2, do, v, rows, cols, row_ok, lse1, di1, w1, lse2, di2, w2,
-                off, n_keys, first_key, chunk_size, qk_scale,
+                off, n_keys, first_key, q_lo, chunk_size, phase, qk_scale,
                 DO_1: tl.constexpr, DO_2, MASKED: tl.constexpr, MEM: tl.constexpr,
-                LOAD_STATS: tl.constexpr, KEY_MAJOR: tl.constexpr, DOT_PREC: tl.constexpr):
+                LOAD_STATS: tl.constexpr, KEY_MAJOR: tl.constexpr, RANGES: tl.constexpr,
+                WIDE: tl.constexpr, DOT_PREC: tl.constexpr):
     """Recompute one (query tile, key tile) of states 1 and 2 (as in _fwd_loop).
 
     DO_2 is a constexpr, or a runtime scalar bool (the dk/dv loop's "tile in a chunk window").
@@ -386,8 +544,8 @@ def _tile_grads(q1, q2, k1, k2, do, v, rows, cols, row_ok, lse1, di1, w1, lse2, 
     else:
         s = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-    s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, chunk_size, MEM, MASKED, DO_2,
-                          KEY_MAJOR)
+    s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, q_lo, chunk_size, phase, MEM,
+                          MASKED, DO_2, KEY_MAJOR, RANGES, WIDE)
     pw = tl.zeros_like(dp)
     ds = tl.zeros_like(dp)
     r1 = tl.zeros([do.shape[0]], dtype=tl.float32)
@@ -404,20 +562,22 @@ def _tile_grads(q1, q2, k1, k2, do, v, rows, cols, row_ok, lse1, di1, w1, lse2, 
 @triton.jit
 def _bwd_q_loop(dq1, dq2, r1, r2, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
                 lse1, di1, w1, lse2, di2, w2,
-                off, n_keys, first_key, chunk_size, start_pos, qk_scale, lo, hi,
+                off, n_keys, first_key, q_lo, chunk_size, phase, shift, qk_scale, lo, hi,
                 HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                 DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
-                ROPE: tl.constexpr, GRAD_Q: tl.constexpr, DOT_PREC: tl.constexpr):
+                ROPE: tl.constexpr, GRAD_Q: tl.constexpr, RANGES: tl.constexpr,
+                WIDE: tl.constexpr, DOT_PREC: tl.constexpr):
     """Over key blocks [lo, hi): add rowsum(P dP) of states 1/2 (as in _fwd_loop) to r1, r2 and,
     when GRAD_Q, the query block's dq halves (w.r.t. the q used in the scores) to dq1, dq2."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_keys
-        k1, k2 = _load_rot(k_ptr, cols, col_ok, start_pos + cols, ROPE_STEP, HALF, HEAD_DIM, ROPE)
+        col_ok = _key_mask(cols, n_keys, first_key, RANGES)
+        k1, k2 = _load_rot(k_ptr, cols, col_ok, shift + cols, ROPE_STEP, HALF, HEAD_DIM, ROPE)
         v = _load_rows(v_ptr, cols, col_ok, HEAD_DIM)
         pw, ds, t1, t2 = _tile_grads(q1, q2, k1, k2, do, v, rows, cols, None, lse1, di1, w1,
-                                     lse2, di2, w2, off, n_keys, first_key, chunk_size, qk_scale,
-                                     DO_1, DO_2, MASKED, MEM, False, False, DOT_PREC)
+                                     lse2, di2, w2, off, n_keys, first_key, q_lo, chunk_size,
+                                     phase, qk_scale, DO_1, DO_2, MASKED, MEM, False, False,
+                                     RANGES, WIDE, DOT_PREC)
         r1 += t1
         r2 += t2
         if GRAD_Q:
@@ -428,32 +588,38 @@ def _bwd_q_loop(dq1, dq2, r1, r2, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
 
 
 @triton.jit
-def _store_derived(ptr, rows, row_ok, Tq, x, USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr):
+def _store_derived(ptr, rows, row_in, Tq, x, USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr):
     """Store x (M,) into the statistics row of the derived path (global, else chunk, else
     memory) of a (3, Tq) block."""
     if USE_GLOBAL:
-        tl.store(ptr + rows, x, mask=row_ok)
+        tl.store(ptr + rows, x, mask=row_in)
     elif HAS_CHUNK:
-        tl.store(ptr + Tq + rows, x, mask=row_ok)
+        tl.store(ptr + Tq + rows, x, mask=row_in)
     else:
-        tl.store(ptr + 2 * Tq + rows, x, mask=row_ok)
+        tl.store(ptr + 2 * Tq + rows, x, mask=row_in)
 
 
 @triton.jit
 def hybrid_attention_bwd_preprocess_kernel(
-    Q, K, V, MK, MV, OUT, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DW,
-    H, G, Tq, Tk, S, chunk_size, start_pos, qk_scale,
+    Q, K, V, MK, MV, OUT, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DW, KV_START, KV_END, CU_Q, CU_K,
+    SPOS, H, G, Tq, Tk, S, chunk_size, chunk_phase, start_pos, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
-    ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    ROPE: tl.constexpr, RANGES: tl.constexpr, PACKED: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """One program per (query block, b, h): DI of every path that is on, and DW of every
-    path but the derived one (see the module docstring). The memory path (S slots) and, with the
-    global path on, the chunk path (the keys of the rows' chunks) are recomputed; the derived
-    path's DI is rowsum(dO * out) minus the others'."""
+    """One program per (query block, row or document, h): DI of every path that is on, and DW
+    of every path but the derived one (see the module docstring). The memory path (S slots)
+    and, with the global path on, the chunk path (the keys of the rows' chunks) are
+    recomputed; the derived path's DI is rowsum(dO * out) minus the others'."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    b, h, bg, m0, rows, row_ok, q_off, stats_off = _query_program(H, G, Tq, HEAD_DIM, BLOCK_M)
-    off = Tk - Tq
+    WIDE: tl.constexpr = RANGES or PACKED
+    (h, bg, mg, m0, rows, row_in, row_ok, q_off, stats_off, r, nq, k0, k_lo, k_hi, off, shift,
+     phase) = _query_program(H, G, Tq, Tk, chunk_size, chunk_phase, start_pos, KV_START, KV_END,
+                             CU_Q, CU_K, SPOS, HEAD_DIM, BLOCK_M, RANGES, PACKED)
+    if PACKED:
+        if m0 >= nq:
+            return
+    q_lo = k_lo - off
     lse_ptr = LSE + stats_off
     di_ptr = DI + stats_off
     dw_ptr = DW + stats_off
@@ -465,46 +631,56 @@ def hybrid_attention_bwd_preprocess_kernel(
     if HAS_MEM and (USE_GLOBAL or HAS_CHUNK):
         q1, q2 = _load_rot(Q + q_off, rows, row_ok, rows, ROPE_STEP, HALF, HEAD_DIM, False)
         lse = tl.load(lse_ptr + 2 * Tq + rows, mask=row_ok, other=0.0)
-        first = S - tl.load(MEMLEN + b)
-        _dq1, _dq2, r, _r = _bwd_q_loop(
-            no_dq, no_dq, zero, zero, q1, q2, do, rows, MK + bg * S * HEAD_DIM,
-            MV + bg * S * HEAD_DIM, ROPE_STEP, lse, zero, 0.0, lse, zero, 0.0,
-            off, S, first, 1, 0, qk_scale, (first // BLOCK_N) * BLOCK_N, S,
-            HALF, HEAD_DIM, BLOCK_N, True, False, True, True, False, False, DOT_PREC)
+        first = S - tl.load(MEMLEN + r)
+        _dq1, _dq2, rs, _r = _bwd_q_loop(
+            no_dq, no_dq, zero, zero, q1, q2, do, rows, MK + mg * S * HEAD_DIM,
+            MV + mg * S * HEAD_DIM, ROPE_STEP, lse, zero, 0.0, lse, zero, 0.0,
+            off, S, first, q_lo, 1, 0, 0, qk_scale,
+            _mem_range(m0, first, S, q_lo, RANGES, BLOCK_M, BLOCK_N), S,
+            HALF, HEAD_DIM, BLOCK_N, True, False, True, True, False, False, RANGES, WIDE,
+            DOT_PREC)
         w = tl.load(W + h * 3 + 2)
-        tl.store(dw_ptr + 2 * Tq + rows, r, mask=row_ok)
-        tl.store(di_ptr + 2 * Tq + rows, w * r, mask=row_ok)
-        di -= w * r
+        tl.store(dw_ptr + 2 * Tq + rows, rs, mask=row_in)
+        tl.store(di_ptr + 2 * Tq + rows, w * rs, mask=row_in)
+        di -= w * rs
     if HAS_CHUNK and USE_GLOBAL:
-        q1, q2 = _load_rot(Q + q_off, rows, row_ok, start_pos + off + rows, ROPE_STEP, HALF,
+        q1, q2 = _load_rot(Q + q_off, rows, row_ok, shift + off + rows, ROPE_STEP, HALF,
                            HEAD_DIM, ROPE)
         lse = tl.load(lse_ptr + Tq + rows, mask=row_ok, other=0.0)
-        split, hi = _key_range(m0, Tq, off, chunk_size, True, BLOCK_M, BLOCK_N)
-        _dq1, _dq2, _r, r = _bwd_q_loop(
-            no_dq, no_dq, zero, zero, q1, q2, do, rows, K + bg * Tk * HEAD_DIM,
-            V + bg * Tk * HEAD_DIM, ROPE_STEP, lse, zero, 0.0, lse, zero, 0.0,
-            off, Tk, 0, chunk_size, start_pos, qk_scale, split, hi,
-            HALF, HEAD_DIM, BLOCK_N, False, True, True, False, ROPE, False, DOT_PREC)
+        _lo, split, hi = _key_range(m0, nq, off, k_lo, chunk_size, phase, True, RANGES, WIDE,
+                                    BLOCK_M, BLOCK_N)
+        _dq1, _dq2, _r, rs = _bwd_q_loop(
+            no_dq, no_dq, zero, zero, q1, q2, do, rows, K + (bg * Tk + k0) * HEAD_DIM,
+            V + (bg * Tk + k0) * HEAD_DIM, ROPE_STEP, lse, zero, 0.0, lse, zero, 0.0,
+            off, k_hi, k_lo, q_lo, chunk_size, phase, shift, qk_scale, split, hi,
+            HALF, HEAD_DIM, BLOCK_N, False, True, True, False, ROPE, False, RANGES, WIDE,
+            DOT_PREC)
         w = tl.load(W + h * 3 + 1)
-        tl.store(dw_ptr + Tq + rows, r, mask=row_ok)
-        tl.store(di_ptr + Tq + rows, w * r, mask=row_ok)
-        di -= w * r
-    _store_derived(di_ptr, rows, row_ok, Tq, di, USE_GLOBAL, HAS_CHUNK)
+        tl.store(dw_ptr + Tq + rows, rs, mask=row_in)
+        tl.store(di_ptr + Tq + rows, w * rs, mask=row_in)
+        di -= w * rs
+    _store_derived(di_ptr, rows, row_in, Tq, di, USE_GLOBAL, HAS_CHUNK)
 
 
 @triton.jit
 def hybrid_attention_bwd_dq_kernel(
-    Q, K, V, MK, MV, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DW, DQ,
-    H, G, Tq, Tk, S, chunk_size, start_pos, qk_scale, scale,
+    Q, K, V, MK, MV, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DW, DQ, KV_START, KV_END, CU_Q, CU_K,
+    SPOS, H, G, Tq, Tk, S, chunk_size, chunk_phase, start_pos, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
-    ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    ROPE: tl.constexpr, RANGES: tl.constexpr, PACKED: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """One program per (query block, b, h): dq of all three paths (no atomics), and the
-    derived path's DW."""
+    """One program per (query block, row or document, h): dq of all three paths (no atomics),
+    and the derived path's DW."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    b, h, bg, m0, rows, row_ok, q_off, stats_off = _query_program(H, G, Tq, HEAD_DIM, BLOCK_M)
-    off = Tk - Tq
+    WIDE: tl.constexpr = RANGES or PACKED
+    (h, bg, mg, m0, rows, row_in, row_ok, q_off, stats_off, r, nq, k0, k_lo, k_hi, off, shift,
+     phase) = _query_program(H, G, Tq, Tk, chunk_size, chunk_phase, start_pos, KV_START, KV_END,
+                             CU_Q, CU_K, SPOS, HEAD_DIM, BLOCK_M, RANGES, PACKED)
+    if PACKED:
+        if m0 >= nq:
+            return
+    q_lo = k_lo - off
     lse_ptr = LSE + stats_off
     di_ptr = DI + stats_off
     do = _load_rows(DO + q_off, rows, row_ok, HEAD_DIM)
@@ -514,59 +690,53 @@ def hybrid_attention_bwd_dq_kernel(
     r_c = tl.zeros([BLOCK_M], dtype=tl.float32)
     r_m = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    q1, q2 = _load_rot(Q + q_off, rows, row_ok, start_pos + off + rows, ROPE_STEP, HALF, HEAD_DIM,
-                       ROPE)
+    q_pos = shift + off + rows
+    q1, q2 = _load_rot(Q + q_off, rows, row_ok, q_pos, ROPE_STEP, HALF, HEAD_DIM, ROPE)
     lse_g = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     di_g = tl.load(di_ptr + rows, mask=row_ok, other=0.0)
     lse_c = tl.load(lse_ptr + Tq + rows, mask=row_ok, other=0.0)
     di_c = tl.load(di_ptr + Tq + rows, mask=row_ok, other=0.0)
     w_g = tl.load(W + h * 3)
     w_c = tl.load(W + h * 3 + 1)
-    k_ptr = K + bg * Tk * HEAD_DIM
-    v_ptr = V + bg * Tk * HEAD_DIM
-    split, hi = _key_range(m0, Tq, off, chunk_size, HAS_CHUNK, BLOCK_M, BLOCK_N)
+    k_ptr = K + (bg * Tk + k0) * HEAD_DIM
+    v_ptr = V + (bg * Tk + k0) * HEAD_DIM
+    lo, split, hi = _key_range(m0, nq, off, k_lo, chunk_size, phase, HAS_CHUNK, RANGES, WIDE,
+                               BLOCK_M, BLOCK_N)
     if USE_GLOBAL:  # same tile split as the forward
         dq1, dq2, r_g, r_c = _bwd_q_loop(
             dq1, dq2, r_g, r_c, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
-            lse_g, di_g, w_g, lse_c, di_c, w_c, off, Tk, 0, chunk_size, start_pos, qk_scale,
-            0, split, HALF, HEAD_DIM, BLOCK_N, True, False, False, False, ROPE, True, DOT_PREC)
+            lse_g, di_g, w_g, lse_c, di_c, w_c, off, k_hi, k_lo, q_lo, chunk_size, phase, shift,
+            qk_scale, lo, split, HALF, HEAD_DIM, BLOCK_N, True, False, False, False, ROPE, True,
+            RANGES, WIDE, DOT_PREC)
     if USE_GLOBAL or HAS_CHUNK:
         dq1, dq2, r_g, r_c = _bwd_q_loop(
             dq1, dq2, r_g, r_c, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
-            lse_g, di_g, w_g, lse_c, di_c, w_c, off, Tk, 0, chunk_size, start_pos, qk_scale,
-            split, hi, HALF, HEAD_DIM, BLOCK_N, USE_GLOBAL, HAS_CHUNK, True, False, ROPE, True,
-            DOT_PREC)
+            lse_g, di_g, w_g, lse_c, di_c, w_c, off, k_hi, k_lo, q_lo, chunk_size, phase, shift,
+            qk_scale, split, hi, HALF, HEAD_DIM, BLOCK_N, USE_GLOBAL, HAS_CHUNK, True, False,
+            ROPE, True, RANGES, WIDE, DOT_PREC)
     if ROPE:
-        dq1, dq2 = _rope(dq1, dq2, start_pos + off + rows, ROPE_STEP, HALF, -1)
+        dq1, dq2 = _rope(dq1, dq2, q_pos, ROPE_STEP, HALF, -1)
 
     if HAS_MEM:
         q1, q2 = _load_rot(Q + q_off, rows, row_ok, rows, ROPE_STEP, HALF, HEAD_DIM, False)
         lse_m = tl.load(lse_ptr + 2 * Tq + rows, mask=row_ok, other=0.0)
         di_m = tl.load(di_ptr + 2 * Tq + rows, mask=row_ok, other=0.0)
         w_m = tl.load(W + h * 3 + 2)
-        first = S - tl.load(MEMLEN + b)
+        first = S - tl.load(MEMLEN + r)
         dq1, dq2, r_m, _r = _bwd_q_loop(
-            dq1, dq2, r_m, r_m, q1, q2, do, rows, MK + bg * S * HEAD_DIM, MV + bg * S * HEAD_DIM,
-            ROPE_STEP, lse_m, di_m, w_m, lse_m, di_m, w_m, off, S, first, 1, 0, qk_scale,
-            (first // BLOCK_N) * BLOCK_N, S, HALF, HEAD_DIM, BLOCK_N, True, False, True, True,
-            False, True, DOT_PREC)
-    _store_halves(DQ + q_off, rows, row_ok, dq1 * scale, dq2 * scale, HALF, HEAD_DIM)
+            dq1, dq2, r_m, r_m, q1, q2, do, rows, MK + mg * S * HEAD_DIM, MV + mg * S * HEAD_DIM,
+            ROPE_STEP, lse_m, di_m, w_m, lse_m, di_m, w_m, off, S, first, q_lo, 1, 0, 0,
+            qk_scale, _mem_range(m0, first, S, q_lo, RANGES, BLOCK_M, BLOCK_N), S,
+            HALF, HEAD_DIM, BLOCK_N, True, False, True, True, False, True, RANGES, WIDE,
+            DOT_PREC)
+    _store_halves(DQ + q_off, rows, row_in, dq1 * scale, dq2 * scale, HALF, HEAD_DIM)
     if USE_GLOBAL:
-        r = r_g
+        rs = r_g
     elif HAS_CHUNK:
-        r = r_c
+        rs = r_c
     else:
-        r = r_m
-    _store_derived(DW + stats_off, rows, row_ok, Tq, r, USE_GLOBAL, HAS_CHUNK)
-
-
-@triton.jit
-def _kv_program(G, BLOCK_N: tl.constexpr):
-    """Indices of a (key block, b, g) program: the block's first key n0, batch b, kv head g and
-    the kv row bg = b * G + g (int64)."""
-    b = tl.program_id(1)
-    g = tl.program_id(2)
-    return tl.program_id(0) * BLOCK_N, b, g, (b * G + g).to(tl.int64)
+        rs = r_m
+    _store_derived(DW + stats_off, rows, row_in, Tq, rs, USE_GLOBAL, HAS_CHUNK)
 
 
 @triton.jit
@@ -580,40 +750,44 @@ def _keys_first(x, KEY_MAJOR: tl.constexpr):
 
 @triton.jit
 def _bwd_kv_loop(dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, rep,
-                 ROPE_STEP, Tq, off, n_keys, first_key, chunk_size, start_pos, qk_scale,
-                 lo, split, hi,
+                 ROPE_STEP, Tq, q0, nq, off, n_keys, first_key, q_lo, chunk_size, phase, shift,
+                 qk_scale, lo, split, hi,
                  P1: tl.constexpr, P2: tl.constexpr,
                  HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  DO_1: tl.constexpr, DO_2: tl.constexpr, MEM: tl.constexpr,
-                 ROPE: tl.constexpr, KEY_MAJOR: tl.constexpr, DOT_PREC: tl.constexpr):
+                 ROPE: tl.constexpr, KEY_MAJOR: tl.constexpr, RANGES: tl.constexpr,
+                 WIDE: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate the key block's (rotated) dk halves and dv over the query blocks [lo, hi) of
     each of the rep query heads g * rep + j of the group, as one flat loop (one loop body: the
     registers of a second copy of the tile code would stay allocated across the first).
-    States 1/2 are the paths P1/P2 (rows of LSE/DI, columns of W); state 2 is computed only
-    for the query blocks before split (the chunk window: past it, no row sees the key block
-    through state 2). KEY_MAJOR: see _tile_grads (the launcher sets it with the sm_90 tiles;
-    elsewhere the transposes are cheaper in registers)."""
+    The row's queries are q0 .. q0 + nq of the Tq axis; with RANGES those before q_lo (padding
+    queries) load as 0. States 1/2 are the paths P1/P2 (rows of LSE/DI, columns of W); state 2
+    is computed only for the query blocks before split (the chunk window: past it, no row sees
+    the key block through state 2). KEY_MAJOR: see _tile_grads (the launcher sets it with the
+    sm_90 tiles; elsewhere the transposes are cheaper in registers)."""
     n_blocks = tl.cdiv(hi - lo, BLOCK_M)
     for t in range(0, rep * n_blocks):
         j = t // n_blocks
         start_m = lo + (t - j * n_blocks) * BLOCK_M
         h = g * rep + j
         bh = (b * H + h).to(tl.int64)
-        q_off = bh * Tq * HEAD_DIM
-        stats = LSE + bh * 3 * Tq
-        dstats = DI + bh * 3 * Tq
+        q_off = (bh * Tq + q0) * HEAD_DIM
+        stats = LSE + bh * 3 * Tq + q0
+        dstats = DI + bh * 3 * Tq + q0
         w1 = tl.load(W + h * 3 + P1)
         w2 = tl.load(W + h * 3 + P2)
         rows = start_m + tl.arange(0, BLOCK_M)
-        row_ok = rows < Tq
-        q1, q2 = _load_rot(Q + q_off, rows, row_ok, start_pos + off + rows, ROPE_STEP, HALF,
+        row_ok = rows < nq
+        if RANGES:
+            row_ok = row_ok & (rows >= q_lo)
+        q1, q2 = _load_rot(Q + q_off, rows, row_ok, shift + off + rows, ROPE_STEP, HALF,
                            HEAD_DIM, ROPE)
         do = _load_rows(DO + q_off, rows, row_ok, HEAD_DIM)
         pw, ds, _r1, _r2 = _tile_grads(
             q1, q2, k1, k2, do, v, rows, cols, row_ok, stats + P1 * Tq + rows,
             dstats + P1 * Tq + rows, w1, stats + P2 * Tq + rows, dstats + P2 * Tq + rows, w2,
-            off, n_keys, first_key, chunk_size, qk_scale, DO_1, (start_m < split) & DO_2, True,
-            MEM, True, KEY_MAJOR, DOT_PREC)
+            off, n_keys, first_key, q_lo, chunk_size, phase, qk_scale, DO_1,
+            (start_m < split) & DO_2, True, MEM, True, KEY_MAJOR, RANGES, WIDE, DOT_PREC)
         dv = tl.dot(_keys_first(pw.to(do.dtype), KEY_MAJOR), do, dv, input_precision=DOT_PREC)
         ds = _keys_first(ds.to(q1.dtype), KEY_MAJOR)
         dk1 = tl.dot(ds, q1, dk1, input_precision=DOT_PREC)
@@ -623,66 +797,93 @@ def _bwd_kv_loop(dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, rep,
 
 @triton.jit
 def hybrid_attention_bwd_dkdv_kernel(
-    Q, K, V, DO, W, ROPE_STEP, LSE, DI, DK, DV,
-    H, G, Tq, Tk, chunk_size, start_pos, qk_scale, scale,
+    Q, K, V, DO, W, ROPE_STEP, LSE, DI, DK, DV, KV_START, KV_END, CU_Q, CU_K, SPOS,
+    H, G, Tq, Tk, chunk_size, chunk_phase, start_pos, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, ROPE: tl.constexpr,
-    KEY_MAJOR: tl.constexpr, DOT_PREC: tl.constexpr,
+    RANGES: tl.constexpr, PACKED: tl.constexpr, KEY_MAJOR: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    """One program per (key block, b, g): dk, dv of the global and chunk paths, summed over
-    the H/G query heads of the group in a fixed order (deterministic, no atomics)."""
+    """One program per (key block, row or document, g): dk, dv of the global and chunk paths,
+    summed over the H/G query heads of the group in a fixed order (deterministic, no atomics).
+    Keys outside the row's valid range get exact zeros."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    n0, b, g, bg = _kv_program(G, BLOCK_N)
-    off = Tk - Tq
+    WIDE: tl.constexpr = RANGES or PACKED
+    n0 = tl.program_id(0) * BLOCK_N
+    r = tl.program_id(1)
+    g = tl.program_id(2)
+    b, q0, nq, k0, k_lo, k_hi, off, shift, phase = _row_geometry(
+        r, Tq, Tk, chunk_size, chunk_phase, start_pos, KV_START, KV_END, CU_Q, CU_K, SPOS,
+        RANGES, PACKED)
+    if PACKED:
+        if n0 >= k_hi:
+            return
+        n_store = k_hi
+    else:
+        n_store = Tk
+    bg = (b * G + g).to(tl.int64)
     cols = n0 + tl.arange(0, BLOCK_N)
-    col_ok = cols < Tk
-    kv_off = bg * Tk * HEAD_DIM
-    k1, k2 = _load_rot(K + kv_off, cols, col_ok, start_pos + cols, ROPE_STEP, HALF, HEAD_DIM, ROPE)
+    col_ok = _key_mask(cols, k_hi, k_lo, RANGES)
+    kv_off = (bg * Tk + k0) * HEAD_DIM
+    k1, k2 = _load_rot(K + kv_off, cols, col_ok, shift + cols, ROPE_STEP, HALF, HEAD_DIM, ROPE)
     v = _load_rows(V + kv_off, cols, col_ok, HEAD_DIM)
     dk1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     # Query blocks [lo, split) hold the block's diagonal and chunk windows; later queries see
     # the whole block through the global path only.
-    lo, split = _query_range(n0, Tq, Tk, off, chunk_size, HAS_CHUNK, BLOCK_M, BLOCK_N)
-    if USE_GLOBAL:
-        hi = Tq
-    else:
+    lo, split, hi = _query_range(n0, nq, off, k_lo, k_hi, chunk_size, phase, HAS_CHUNK, RANGES,
+                                 WIDE, BLOCK_M, BLOCK_N)
+    if not USE_GLOBAL:
         hi = split
     dk1, dk2, dv = _bwd_kv_loop(
         dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, H // G,
-        ROPE_STEP, Tq, off, Tk, 0, chunk_size, start_pos, qk_scale, lo, split, hi, 0, 1,
-        HALF, HEAD_DIM, BLOCK_M, USE_GLOBAL, HAS_CHUNK, False, ROPE, KEY_MAJOR, DOT_PREC)
+        ROPE_STEP, Tq, q0, nq, off, k_hi, k_lo, k_lo - off, chunk_size, phase, shift, qk_scale,
+        lo, split, hi, 0, 1, HALF, HEAD_DIM, BLOCK_M, USE_GLOBAL, HAS_CHUNK, False, ROPE,
+        KEY_MAJOR, RANGES, WIDE, DOT_PREC)
     if ROPE:
-        dk1, dk2 = _rope(dk1, dk2, start_pos + cols, ROPE_STEP, HALF, -1)
-    _store_halves(DK + kv_off, cols, col_ok, dk1 * scale, dk2 * scale, HALF, HEAD_DIM)
-    _store_rows(DV + kv_off, cols, col_ok, dv, HEAD_DIM)
+        dk1, dk2 = _rope(dk1, dk2, shift + cols, ROPE_STEP, HALF, -1)
+    st_ok = cols < n_store
+    _store_halves(DK + kv_off, cols, st_ok, dk1 * scale, dk2 * scale, HALF, HEAD_DIM)
+    _store_rows(DV + kv_off, cols, st_ok, dv, HEAD_DIM)
 
 
 @triton.jit
 def hybrid_attention_bwd_dmem_kernel(
-    Q, MK, MV, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DMK, DMV,
-    H, G, Tq, S, qk_scale, scale,
+    Q, MK, MV, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DMK, DMV, KV_START, KV_END, CU_Q, CU_K, SPOS,
+    H, G, Tq, Tk, S, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    KEY_MAJOR: tl.constexpr, DOT_PREC: tl.constexpr,
+    RANGES: tl.constexpr, PACKED: tl.constexpr, KEY_MAJOR: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    """One program per (slot block, b, g): dmem_k, dmem_v over all queries of the group's
-    heads (every query sees every valid slot). Blocks of invalid slots get zeros."""
+    """One program per (slot block, row or document, g): dmem_k, dmem_v over all the row's
+    queries of the group's heads (every query but a padding one sees every valid slot).
+    Blocks of invalid slots get zeros."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    n0, b, g, bg = _kv_program(G, BLOCK_N)
-    first = S - tl.load(MEMLEN + b)
+    WIDE: tl.constexpr = RANGES or PACKED
+    n0 = tl.program_id(0) * BLOCK_N
+    r = tl.program_id(1)
+    g = tl.program_id(2)
+    b, q0, nq, _k0, k_lo, _k_hi, off, _shift, _phase = _row_geometry(
+        r, Tq, Tk, 1, 0, 0, KV_START, KV_END, CU_Q, CU_K, SPOS, RANGES, PACKED)
+    q_lo = k_lo - off
+    first = S - tl.load(MEMLEN + r)
+    mg = (r * G + g).to(tl.int64)
     cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < S
-    kv_off = bg * S * HEAD_DIM
+    kv_off = mg * S * HEAD_DIM
     k1, k2 = _load_rot(MK + kv_off, cols, col_ok, cols, ROPE_STEP, HALF, HEAD_DIM, False)
     v = _load_rows(MV + kv_off, cols, col_ok, HEAD_DIM)
     dk1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    hi = tl.where(n0 + BLOCK_N > first, Tq, 0)
+    lo = 0
+    if RANGES:
+        lo = (tl.maximum(q_lo, 0) // BLOCK_M) * BLOCK_M
+    hi = tl.where(n0 + BLOCK_N > first, nq, lo)
     dk1, dk2, dv = _bwd_kv_loop(
         dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, H // G,
-        ROPE_STEP, Tq, 0, S, first, 1, 0, qk_scale, 0, 0, hi, 2, 2,
-        HALF, HEAD_DIM, BLOCK_M, True, False, True, False, KEY_MAJOR, DOT_PREC)
+        ROPE_STEP, Tq, q0, nq, 0, S, first, q_lo, 1, 0, 0, qk_scale, lo, lo, hi, 2, 2,
+        HALF, HEAD_DIM, BLOCK_M, True, False, True, False, KEY_MAJOR, RANGES, WIDE, DOT_PREC)
     _store_halves(DMK + kv_off, cols, col_ok, dk1 * scale, dk2 * scale, HALF, HEAD_DIM)
     _store_rows(DMV + kv_off, cols, col_ok, dv, HEAD_DIM)

@@ -82,10 +82,17 @@ def check_case(dtype, B, H, G, Tq, Tk, D, S=0, mem_len=None, chunk_size=None, us
     else:
         assert "backward" in ta.unsupported_reason(*leaves, **kwargs)
         dout = None
+    out, _grads = check_against_reference(args, kwargs, dout)
+    assert out.dtype == dtype and out.shape == (B, H, Tq, D)
+
+
+def check_against_reference(args, kwargs, dout):
+    """Kernel output and gradients (see run) vs the reference, by the rule of the module
+    docstring, for the dtype of q = args[0]; returns the kernel's (out, grads)."""
+    dtype = args[0].dtype
     out, grads = run(ta.hybrid_attention_triton, args, kwargs, dout)
     ref64, g64 = run(hybrid_attention_reference, args, kwargs, dout, compute_dtype=torch.float64)
     refl, gl = run(hybrid_attention_reference, args, kwargs, dout, compute_dtype=dtype)
-    assert out.dtype == dtype and out.shape == (B, H, Tq, D)
     pairs = [("out", out, ref64, refl)] + [
         (n, g, r, l) for n, g, r, l in zip(GRAD_NAMES, grads, g64, gl) if g is not None]
     for name, got, r64, rlow in pairs:
@@ -95,6 +102,7 @@ def check_case(dtype, B, H, G, Tq, Tk, D, S=0, mem_len=None, chunk_size=None, us
         err_low = (rlow.double() - r64.double()).abs().max().item()
         bound = 2 * err_low + FLOOR[dtype] * max(1.0, r64.double().abs().max().item())
         assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (low-precision ref {err_low:.3g})"
+    return out, grads
 
 
 # (dtype, B, H, G, Tq, Tk, D, S, mem_len, chunk_size, use_global, rope_base, start_pos)
