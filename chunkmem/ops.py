@@ -273,7 +273,8 @@ def hybrid_attention(
         kv_end = torch.full((B,), Tk, dtype=torch.int32, device=dev) if kv_end is None else kv_end.to(torch.int32)
     if packed:
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
-    if not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
         values = _check_values(Tq, Tk, mem_len if mem_len_given else None,
                                mem_k.shape[2] if mem_k is not None else 0, start_pos, kv_start,
                                kv_end, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -293,7 +294,7 @@ def hybrid_attention(
                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     name = _resolve_backend(backend, dev, triton_attention_module, args, kwargs)
-    if torch.compiler.is_compiling():
+    if compiling:
         from chunkmem.library import call_hybrid_attention_op
 
         return call_hybrid_attention_op(*args, **kwargs, backend=name)
@@ -334,32 +335,27 @@ def _check_values(Tq, Tk, mem_len, S, start_pos, kv_start, kv_end, cu_q, cu_k, m
     Returns {"all_keys_valid": every row's range is (0, Tk)} with kv ranges, and the longest
     document's query/key counts {"max_seqlen_q", "max_seqlen_k"} with cu_seqlens.
     """
-    stats = {}  # name -> 0-dim int64 tensor
+    names, parts = [], []  # names of the values, 1-D tensors holding them
 
-    def add(name, x):
-        stats[name] = x.to(torch.int64)
+    def add(tensor, *value_names):
+        names.extend(value_names)
+        parts.append(tensor.reshape(-1))  # torch.cat promotes int32/int64 to int64
 
     if mem_len is not None and mem_len.numel():
-        add("mem_len_min", mem_len.min())
-        add("mem_len_max", mem_len.max())
+        add(torch.stack(torch.aminmax(mem_len)), "mem_len_min", "mem_len_max")
     if isinstance(start_pos, torch.Tensor) and start_pos.numel():
-        add("start_pos_min", start_pos.min())
+        add(start_pos.min(), "start_pos_min")
     if kv_start is not None and kv_start.numel():
-        add("kv_start_min", kv_start.min())
-        add("kv_start_max", kv_start.max())
-        add("kv_len_min", (kv_end - kv_start).min())
-        add("kv_end_min", kv_end.min())
-        add("kv_end_max", kv_end.max())
+        add(torch.stack((*torch.aminmax(kv_start), *torch.aminmax(kv_end), (kv_end - kv_start).min())),
+            "kv_start_min", "kv_start_max", "kv_end_min", "kv_end_max", "kv_len_min")
     if cu_q is not None:
         for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
-            add(name + "_first", cu[0])
-            add(name + "_last", cu[-1])
-            add(name + "_step_min", (cu[1:] - cu[:-1]).min())
-            add(name + "_step_max", (cu[1:] - cu[:-1]).max())
-        add("doc_keys_minus_queries_min", ((cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1])).min())
-    if not stats:
+            add(cu[[0, -1]], name + "_first", name + "_last")
+            add(torch.stack(torch.aminmax(cu[1:] - cu[:-1])), name + "_step_min", name + "_step_max")
+        add(((cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1])).min(), "doc_keys_minus_queries_min")
+    if not parts:
         return {}
-    got = dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # the one sync
+    got = dict(zip(names, (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()))  # the one sync
 
     if "mem_len_min" in got:
         _check_mem_len_values(got["mem_len_min"], got["mem_len_max"], S)

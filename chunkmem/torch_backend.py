@@ -203,20 +203,29 @@ def _ranged(q, k, v, mem_k, mem_v, weights, mem_len, start_pos, kv_start, kv_end
         groups.setdefault((lo, hi, sp), []).append(b)
     if len(groups) == 1 and next(iter(groups))[:2] == (0, Tk):  # one group, every key valid
         return _hybrid_dense(q, k, v, mem_k, mem_v, weights, mem_len, start_pos=next(iter(groups))[2], **run)
-    out = q.new_zeros(q.shape)
+    parts, order = [], []
     for (lo, hi, sp), rows in groups.items():
         n = min(Tq, hi - lo)  # the real queries: the last n
+        if rows == list(range(rows[0], rows[-1] + 1)):
+            sel = slice(rows[0], rows[-1] + 1)  # a view, no copy
+        else:
+            sel = torch.tensor(rows, device=q.device)
         if n == 0:
-            continue
-        idx = torch.tensor(rows, device=q.device) if len(rows) < B else slice(None)
-        mk, mv, ml = _memory_rows(mem_k, mem_v, mem_len, idx)
-        o = _hybrid_dense(q[idx][:, :, Tq - n:], k[idx][:, :, lo:hi], v[idx][:, :, lo:hi], mk, mv,
-                          weights, ml, start_pos=sp, **run)
-        if n < Tq:
-            o = F.pad(o, (0, 0, Tq - n, 0))
-        if isinstance(idx, slice):
-            return o
-        out = out.index_copy(0, idx, o)
+            o = q.new_zeros(len(rows), H, Tq, D)
+        else:
+            mk, mv, ml = _memory_rows(mem_k, mem_v, mem_len, sel)
+            o = _hybrid_dense(q[sel, :, Tq - n:], k[sel, :, lo:hi], v[sel, :, lo:hi], mk, mv,
+                              weights, ml, start_pos=sp, **run)
+            if n < Tq:
+                o = F.pad(o, (0, 0, Tq - n, 0))
+        parts.append(o)
+        order += rows
+    out = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if order != list(range(B)):  # back to the batch order
+        inverse = [0] * B
+        for i, b in enumerate(order):
+            inverse[b] = i
+        out = out[torch.tensor(inverse, device=q.device)]
     return out
 
 

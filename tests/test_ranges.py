@@ -186,11 +186,12 @@ PATHS = {
     "global_memory_rope": dict(S=3, rope_base=50.0),
 }
 # Tq = 6, Tk = 10. Row kinds: all keys valid; fewer valid keys than queries (padding queries);
-# no valid key (every query is padding); more valid keys than queries.
+# no valid key (every query is padding); more valid keys than queries; rows with equal ranges.
 RANGES = {
     "both": dict(kv_start=(0, 3, 5, 2), kv_end=(10, 8, 5, 10)),
     "kv_end_only": dict(kv_end=(10, 4, 0, 7)),
     "kv_start_only": dict(kv_start=(0, 6, 10, 1)),
+    "repeated": dict(kv_start=(2, 0, 2, 0), kv_end=(9, 5, 9, 5)),  # rows 0, 2 and 1, 3 alike
 }
 STARTS = {"int": 5, "tensor": (0, 7, 3, 130)}
 
