@@ -137,7 +137,8 @@ def main(argv=None) -> int:
                       help=f"comma-separated flag sets to compile each kernel with, of "
                            f"{', '.join(FLAG_SETS)} (shipped: compile_variants() as is)")
     cost.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                      help="override a constexpr of every attention variant (repeatable)")
+                      help="override a constexpr (or num_warps, num_stages) of every attention "
+                           "variant (repeatable), e.g. --set num_warps=4 --filter fwd")
     cost.add_argument("--no-int-hints", action="store_true",
                       help="compile without the divisible-by-16 hints on integer arguments")
     cost.add_argument("--no-yardstick", action="store_true")
@@ -327,8 +328,9 @@ def _cost_jobs(args) -> list:
                 if key in seen:  # the same kernel: it also stands for this flag set
                     seen[key]["sets"].append(fs)
                     continue
+                launch = {k: overrides.get(k, v[k]) for k in ("num_warps", "num_stages")}
                 seen[key] = dict(source="attn", name=v["name"], arch=arch, constexprs=cx,
-                                 label=_flag_label(cx), sets=[fs], int_hints=hints)
+                                 label=_flag_label(cx), sets=[fs], int_hints=hints, **launch)
                 jobs.append(seen[key])
         if not args.no_yardstick:
             for i, _v in enumerate(_yardstick_module().compile_variants(args.dtype, args.head_dim,
@@ -347,7 +349,8 @@ def _cost_one(job) -> dict:
         from chunkmem import triton_attention
 
         (v,) = [v for v in triton_attention.compile_variants() if v["name"] == job["name"]]
-        v = dict(v, constexprs=job["constexprs"])
+        v = dict(v, constexprs=job["constexprs"], num_warps=job["num_warps"],
+                 num_stages=job["num_stages"])
         table = LOOP_DOTS
     else:
         fy = _yardstick_module()
