@@ -123,6 +123,14 @@ def _compile_one(job):
     return row
 
 
+def _run(fn, jobs: list, n_jobs: int) -> list:
+    """fn over jobs, in n_jobs worker processes when n_jobs > 1; results in job order."""
+    if n_jobs > 1:
+        with ProcessPoolExecutor(n_jobs) as pool:
+            return list(pool.map(fn, jobs))
+    return [fn(j) for j in jobs]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=None, choices=sorted(SMEM_LIMIT),
@@ -164,11 +172,7 @@ def main(argv=None) -> int:
                 jobs.extend((module_name, i, arch, int_hints) for arch in args.arch
                             if arch in v.get("archs", args.arch) for int_hints in (False, True))
     t0 = time.time()
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(_compile_one, jobs))
-    else:
-        rows = [_compile_one(j) for j in jobs]
+    rows = _run(_compile_one, jobs, args.jobs)
 
     failed = 0
     print(f"{'variant':<44} {'sm':>3} {'REG':>4} {'STACK':>5} {'SMEM(B)':>8} {'WGMMA':>5} "
@@ -571,11 +575,7 @@ def cost_main(args) -> int:
     args.arch = args.arch or [90]
     jobs = _cost_jobs(args)
     t0 = time.time()
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(_cost_one, jobs))
-    else:
-        rows = [_cost_one(j) for j in jobs]
+    rows = _run(_cost_one, jobs, args.jobs)
     _add_yardstick_multiples(rows)
     meta = dict(arch=args.arch, dtype=args.dtype, head_dim=args.head_dim,
                 flag_sets=[f.strip() for f in args.flags.split(",") if f.strip()],
