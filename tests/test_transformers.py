@@ -25,6 +25,15 @@ def registered():
     assert cm_hf.register() == "chunkmem"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # models this small run faster on one intra-op thread (and do not fight a busy machine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _llama_config(**overrides):
     return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -179,14 +188,32 @@ def test_llama4_generate_prompt_longer_than_a_chunk(llama4, cache):
     ids = _tokens(2, 21, seed=6)  # 21 > CHUNK = 8: the sliding cache drops keys, chunks roll over
     mask = torch.ones_like(ids)
     mask[0, :pad] = 0
-    tok, logits = _generate(llama4, "chunkmem", ids, mask, cache, 24)
-    ref_tok, ref_logits = _generate(llama4, "sdpa", ids, mask, cache, 24)
+    tok, logits = _generate(llama4, "chunkmem", ids, mask, cache, 20)
+    ref_tok, ref_logits = _generate(llama4, "sdpa", ids, mask, cache, 20)
     assert torch.equal(tok, ref_tok)
     assert _max_diff(logits, ref_logits) < ATOL
     # the padded row generates what the same row does without padding
-    alone_tok, alone_logits = _generate(llama4, "chunkmem", ids[:1, pad:], None, cache, 24)
+    alone_tok, alone_logits = _generate(llama4, "chunkmem", ids[:1, pad:], None, cache, 20)
     assert torch.equal(tok[:1], alone_tok)
     assert _max_diff(logits[:1], alone_logits) < ATOL
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_llama4_cache_continuation_in_pieces(llama4, cache):
+    # several tokens at a time on a cache that already dropped keys (kv_offset > 0 with Tq > 1)
+    from transformers import DynamicCache, StaticCache
+
+    ids = _tokens(2, 30, seed=9)
+    full = _logits(llama4, "sdpa", input_ids=ids)
+    llama4.set_attn_implementation("chunkmem")
+    kv = DynamicCache(config=llama4.config) if cache == "dynamic" else StaticCache(config=llama4.config, max_cache_len=40)
+    pieces = []
+    with torch.no_grad():
+        for a, b in [(0, 13), (13, 18), (18, 19), (19, 30)]:
+            out = llama4(input_ids=ids[:, a:b], position_ids=torch.arange(a, b)[None], cache=kv, use_cache=True)
+            kv = out.cache
+            pieces.append(out.logits)
+    assert _max_diff(torch.cat(pieces, 1), full) < ATOL
 
 
 def test_llama4_left_padding_logits(llama4):
