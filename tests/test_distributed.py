@@ -1,7 +1,8 @@
 """Data-parallel training on CPU (gloo, 2 processes spawned here): DDP and FSDP2 give the losses
 and parameters of one process on the same global batch, a 2-process run interrupted and resumed
-equals the uninterrupted one, its checkpoint resumes on one process, and evaluation reduced over
-the processes equals the one-process evaluation.
+equals the uninterrupted one, its checkpoint resumes on one process, DDP under torch.compile runs
+without graph breaks and gives the same losses, and evaluation reduced over the processes equals
+the one-process evaluation.
 
 Tolerances (float32): the processes compute the same per-row math on half the rows each and sum
 the gradients in another order, so losses agree to rtol 1e-5 and parameters after 5 AdamW steps
@@ -25,6 +26,7 @@ from chunkmem.training.data import stdlib_documents
 
 WORLD = 2
 STEPS, SPLIT = 5, 3  # run STEPS steps; the resumed runs stop and save after SPLIT
+COMPILED_STEPS = 2
 TIMEOUT_S = 240
 
 
@@ -61,6 +63,21 @@ def _scenario(parallel, ckpt_path, docs):
     return {"losses": losses, "params": params, "resumed": resumed, "resumed_params": _full_params(second)}
 
 
+def _compiled(docs):
+    """DDP around the model compiled with fullgraph=True (aot_eager: Dynamo capture and AOT autograd
+    through the chunkmem custom ops, without inductor's C++ code generation, which takes minutes
+    on a 2-core CPU): no graph break, the eager DDP losses."""
+    from torch._dynamo.utils import counters
+
+    from chunkmem.training.distributed import init_distributed
+    ctx = init_distributed("cpu")
+    counters.clear()
+    t = Trainer(_cfg(), train_docs=docs, ctx=ctx, parallel="ddp", compile="aot_eager")
+    losses = [t.step()["loss"] for _ in range(COMPILED_STEPS)]
+    return {"losses": losses, "graph_breaks": dict(counters["graph_break"]),
+            "graphs": counters["stats"]["unique_graphs"]}
+
+
 def _evaluation(docs_val):
     from chunkmem.training.distributed import init_distributed
     ctx = init_distributed("cpu")
@@ -79,6 +96,7 @@ def _worker(rank, port, out_dir):
         result["ddp"] = _scenario("ddp", os.path.join(out_dir, "ddp.pt"), docs)
         result["fsdp"] = _scenario("fsdp", os.path.join(out_dir, "fsdp"), docs)
         result["eval"] = _evaluation(stdlib_documents("val"))
+        result["compiled"] = _compiled(docs)
     except BaseException:
         result["error"] = traceback.format_exc()
     finally:
@@ -160,6 +178,16 @@ def test_two_rank_checkpoint_resumes_on_one_process(two_ranks, one_process):
         resumed = [t.step()["loss"] for _ in range(STEPS - SPLIT)]
         np.testing.assert_allclose(resumed, losses[SPLIT:], rtol=1e-5, atol=0)
         _assert_params_close(_full_params(t), params, atol=2e-5)
+
+
+def test_ddp_with_torch_compile(two_ranks, one_process):
+    _, results = two_ranks
+    losses, _ = one_process
+    for res in results:
+        c = res["compiled"]
+        assert not c["graph_breaks"]
+        assert c["graphs"] >= 1
+        np.testing.assert_allclose(c["losses"], losses[:COMPILED_STEPS], rtol=1e-5, atol=0)
 
 
 def test_evaluation_is_reduced_over_ranks(two_ranks):

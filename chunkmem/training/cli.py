@@ -84,7 +84,9 @@ def _add_run_options(p: argparse.ArgumentParser, *, model: bool = True) -> None:
                    help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 "
                         "(fully_shard) instead of replicating them with DDP; checkpoints are then sharded "
                         "directories (<run dir>/ckpt-sharded) written by every rank")
-    d.add_argument("--compile", action="store_true", help="run the (DDP/FSDP2-wrapped) model through torch.compile")
+    d.add_argument("--compile", action="store_true",
+                   help="compile the model with torch.compile (inductor; one graph per segment shape, no graph "
+                        "break: the chunkmem ops are custom ops); on a 2-core CPU compiling takes minutes")
 
 
 def _add_resume(p: argparse.ArgumentParser, what: str) -> None:

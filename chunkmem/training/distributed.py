@@ -108,30 +108,38 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank, world, local_rank, dev, owns_group=True)
 
 
-def wrap_model(model: torch.nn.Module, ctx: DistContext, parallel: str = "ddp") -> torch.nn.Module:
-    """``model`` made data-parallel over ``ctx`` (unchanged on one process).
+def wrap_model(model: torch.nn.Module, ctx: DistContext, parallel: str = "ddp",
+               compile: bool | str = False) -> torch.nn.Module:
+    """``model`` made data-parallel over ``ctx`` (unchanged on one process), optionally compiled.
 
     parallel: "ddp" (DistributedDataParallel; every process holds the whole model) or "fsdp"
-    (FSDP2: ``fully_shard`` on each block, then on the root; the module is sharded in place and
-    returned)."""
+    (FSDP2: ``fully_shard`` on each block, then on the root; the module is sharded in place).
+    compile: False, True (inductor) or a ``torch.compile`` backend name. The model's forward is
+    compiled as one graph (``fullgraph=True``: the chunkmem ops are custom ops, nothing breaks the
+    graph); under DDP the compiled module is wrapped (DDP's bucketing still splits the backward
+    graph for communication overlap); under FSDP2 the sharded module is compiled without
+    ``fullgraph``, its hooks being traced by Dynamo."""
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
-    if not ctx.active:
-        return model
-    if parallel == "ddp":
+    kw = {} if compile in (False, True) else {"backend": compile}
+    if not ctx.active or parallel == "ddp":
+        if compile:
+            model = torch.compile(model, fullgraph=True, **kw)
+        if not ctx.active:
+            return model
         from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
     for block in getattr(model, "blocks", []):
         fully_shard(block)
     fully_shard(model)
-    return model
+    return torch.compile(model, **kw) if compile else model
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under DDP and/or torch.compile wrappers (an FSDP2 module is its own)."""
+    """The module under DDP and torch.compile wrappers (an FSDP2 module is its own)."""
     while True:
-        if hasattr(model, "_orig_mod"):  # torch.compile
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # torch.compile
             model = model._orig_mod
         elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module

@@ -55,10 +55,11 @@ class Trainer:
     it (resuming gives the same next steps as not stopping; see :mod:`chunkmem.training.checkpoint`).
 
     ctx: the process group (default: one process); parallel: "ddp" or "fsdp" (ignored on one
-    process); compile: run the (wrapped) model through ``torch.compile``."""
+    process); compile: run the model through ``torch.compile`` (True: the default inductor
+    backend, or a backend name such as "aot_eager"; see :func:`wrap_model`)."""
 
     def __init__(self, cfg: TrainConfig, train_docs=None, ctx: DistContext | None = None,
-                 parallel: str = "ddp", compile: bool = False):
+                 parallel: str = "ddp", compile: bool | str = False):
         self.cfg = cfg
         self.ctx = ctx or DistContext(device=resolve_device(cfg))
         self.device = self.ctx.device
@@ -67,9 +68,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         module = build_model(cfg).to(self.device)
-        self.model = wrap_model(module, self.ctx, parallel)
-        if compile:
-            self.model = torch.compile(self.model)
+        self.model = wrap_model(module, self.ctx, parallel, compile)
         # evaluation: the plain module under DDP (no collectives), the sharded module under FSDP2
         self.eval_model = unwrap_model(self.model)
         params = list(self.model.parameters())
