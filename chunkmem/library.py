@@ -14,6 +14,11 @@ kernels' per-path log-sum-exp (B, H, 3, Tq), which autograd saves with the outpu
 backward op runs the backward kernels alone, as in eager mode. Every other case recomputes the
 forward in the backward op and differentiates it (activation checkpointing of this one op: one
 extra forward in compiled training).
+
+The ops carry the SPEC §1b arguments as well: kv_start/kv_end, cu_seqlens_q/cu_seqlens_k and
+max_seqlen_q/max_seqlen_k, and start_pos as an int plus an optional tensor ``start_pos_t`` (a
+schema cannot take an int-or-tensor union); :func:`call_hybrid_attention_op` does that split.
+The integer tensors are saved for the backward with the others; they get no gradient.
 """
 from __future__ import annotations
 

@@ -14,14 +14,16 @@ from chunkmem.nn import HybridAttention
 MEMORY_UPDATE = torch.ops.chunkmem.gated_memory_update.default
 
 
+def attention_leaves(B, H, G, Tq, Tk, S, D, seed):
+    """q (B, H, Tq, D), k, v (B, G, Tk, D), mem_k, mem_v (B, G, S, D), weights (H, 3): fp32
+    leaves requiring grad."""
+    torch.manual_seed(seed)
+    shapes = [(B, H, Tq, D), (B, G, Tk, D), (B, G, Tk, D), (B, G, S, D), (B, G, S, D)]
+    return [torch.randn(s, requires_grad=True) for s in shapes] + [torch.rand(H, 3, requires_grad=True)]
+
+
 def test_custom_op_registration_passes_opcheck():
-    torch.manual_seed(0)
-    q = torch.randn(1, 4, 6, 8, requires_grad=True)
-    k = torch.randn(1, 2, 9, 8, requires_grad=True)
-    v = torch.randn(1, 2, 9, 8, requires_grad=True)
-    mk = torch.randn(1, 2, 3, 8, requires_grad=True)
-    mv = torch.randn(1, 2, 3, 8, requires_grad=True)
-    w = torch.rand(4, 3, requires_grad=True)
+    q, k, v, mk, mv, w = attention_leaves(1, 4, 2, 6, 9, 3, 8, seed=0)
     mem_len = torch.tensor([2], dtype=torch.int32)
     torch.library.opcheck(hybrid_attention_op, (q, k, v, mk, mv, w, mem_len, 4, True, 10000.0, 3, 0.35, "torch"))
     torch.library.opcheck(hybrid_attention_op, (q, k, v, None, None, w, None, None, True, None, 0, 0.35, "torch"))
@@ -61,13 +63,7 @@ def test_compiled_op_call_matches_eager_for_decode_shape():
 def test_custom_op_with_ranges_passes_opcheck():
     """The SPEC §1b arguments through the op's schema: start_pos as a tensor, kv_start/kv_end,
     and packed documents with cu_seqlens / max_seqlen (torch backend)."""
-    torch.manual_seed(4)
-    q = torch.randn(2, 4, 5, 8, requires_grad=True)
-    k = torch.randn(2, 2, 9, 8, requires_grad=True)
-    v = torch.randn(2, 2, 9, 8, requires_grad=True)
-    mk = torch.randn(2, 2, 3, 8, requires_grad=True)
-    mv = torch.randn(2, 2, 3, 8, requires_grad=True)
-    w = torch.rand(4, 3, requires_grad=True)
+    q, k, v, mk, mv, w = attention_leaves(2, 4, 2, 5, 9, 3, 8, seed=4)
     mem_len = torch.tensor([2, 0], dtype=torch.int32)
     ranges = dict(start_pos_t=torch.tensor([3, 0]), kv_start=torch.tensor([2, 0], dtype=torch.int32),
                   kv_end=torch.tensor([9, 4], dtype=torch.int32))
@@ -83,12 +79,7 @@ def test_custom_op_with_ranges_passes_opcheck():
 def test_compiled_call_with_ranges_and_start_pos_tensor_matches_eager():
     """fullgraph=True with kv_start/kv_end and a start_pos tensor (torch backend, all paths):
     output and gradients equal eager; the traced graph holds the custom op (no graph break)."""
-    torch.manual_seed(5)
-    q = torch.randn(3, 4, 6, 8, requires_grad=True)
-    k = torch.randn(3, 2, 10, 8, requires_grad=True)
-    v = torch.randn(3, 2, 10, 8, requires_grad=True)
-    mk = torch.randn(3, 2, 3, 8, requires_grad=True)
-    mv = torch.randn(3, 2, 3, 8, requires_grad=True)
+    q, k, v, mk, mv, _ = attention_leaves(3, 4, 2, 6, 10, 3, 8, seed=5)
     kv_start, kv_end = torch.tensor([0, 3, 5]), torch.tensor([10, 8, 5])
     start_pos = torch.tensor([0, 7, 2])
 

@@ -116,14 +116,17 @@ def test_valid_baseline_runs(backend):
     assert out.shape == (2, 4, 5, 8) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case_id", list(ATTN_BAD))
-def test_hybrid_attention_bad_input(backend, case_id):
-    change, pattern = ATTN_BAD[case_id]
-    a = attn_args()
+def check_bad_attn(a: dict, change, pattern: str, backend: str):
+    """The valid arguments ``a`` changed by ``change`` raise an error matching ``pattern``."""
     a.update(change(a))
     with pytest.raises(ERRORS, match=pattern):
         call_attn(a, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_id", list(ATTN_BAD))
+def test_hybrid_attention_bad_input(backend, case_id):
+    check_bad_attn(attn_args(), *ATTN_BAD[case_id], backend)
 
 
 def _second_device():
@@ -223,11 +226,7 @@ def test_packed_valid_baseline_runs(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case_id", list(PACKED_BAD))
 def test_packed_bad_input(backend, case_id):
-    change, pattern = PACKED_BAD[case_id]
-    a = packed_args()
-    a.update(change(a))
-    with pytest.raises(ERRORS, match=pattern):
-        call_attn(a, backend)
+    check_bad_attn(packed_args(), *PACKED_BAD[case_id], backend)
 
 
 @pytest.mark.parametrize("name", ["cu_seqlens_q", "cu_seqlens_k"])
