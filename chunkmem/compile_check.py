@@ -249,8 +249,9 @@ COST_LIMITS = (
     "Static, issue-bound proxy read from SASS compiled ahead of time (no GPU run): it counts the "
     "instructions of one loop iteration, not their latency, and ignores memory bandwidth and "
     "latency, occupancy effects (CTAs/SM is listed, not applied), trip counts, how often masked "
-    "tiles and runtime branches run, and everything outside the loops (prologue, epilogue, "
-    "straight-line diagonal tiles). instr/iter is the longest path through the loop body (the "
+    "tiles and runtime branches run, and everything outside the loops (prologue, epilogue; a "
+    "loop call the compiler made straight-line, such as a one-tile diagonal, is listed with the "
+    "instructions attributed to it, without a multiple). instr/iter is the longest path through the loop body (the "
     "shortest after '/' where a runtime branch can skip code). warp-instr / useful MFLOP = "
     "instr/iter x warps per CTA / useful MFLOP per iteration, lower is better; x yardstick "
     "divides it by the same figure of the yardstick's unmasked main loop of that direction "
@@ -375,31 +376,46 @@ def _cost_one(job) -> dict:
         row["mma"] = sc.mma_summary(sass)
         row["occupancy"] = sc.occupancy(arch, row["reg"], row["smem"], warps)
         calls = sc.kernel_calls(v["fn"], v["constexprs"])
+        looped = set()
         for lp in sc.find_loops(sass):
             cost = sc.loop_cost(sass, lp, warps)
-            if not cost["mma_instrs"]:
-                continue
-            call = sc.attribute_loop(sass, lp, v["fn"], calls)
-            loop = dict(cost, callee=call.callee if call else None,
-                        line=call.first if call else None, depth=lp.depth,
-                        role=_loop_role(call.args) if call else "-", dots=None,
-                        useful_flops=None)
-            if call is not None and call.callee in table:
-                args = dict(v["constexprs"])
-                args.update({k: x for k, x in call.args.items() if x is not None})
-                loop["masked"] = call.args.get("MASKED")
-                loop["dots"] = table[call.callee](dict(args, **{
-                    k: None for k, x in call.args.items() if x is None and k.isupper()}))
-                loop["useful_flops"] = sum(2 * m * n * k for _d, m, n, k in loop["dots"])
-            if loop["useful_flops"]:
-                instr = cost["path_max"] or cost["instrs"]
-                loop["exec_ratio"] = cost["exec_flops"] / loop["useful_flops"]
-                loop["wi_per_mflop"] = instr * warps / (loop["useful_flops"] / 1e6)
-            row["loops"].append(loop)
+            if cost["mma_instrs"]:
+                call = sc.attribute_loop(sass, lp, v["fn"], calls)
+                looped.add(id(call))
+                row["loops"].append(_loop_entry(dict(cost, depth=lp.depth), call, v, table))
+        # loop calls the compiler turned into straight-line code (one trip, e.g. a diagonal tile)
+        for call in calls:
+            if call.callee in table and id(call) not in looped:
+                idx = sc.call_instructions(sass, v["fn"], call)
+                cost = sc.instructions_cost([sass.instrs[i] for i in idx], warps)
+                if cost["mma_instrs"]:
+                    n = cost["instrs"]
+                    row["loops"].append(_loop_entry(dict(cost, path_min=n, path_max=n,
+                                                         depth=None, straight=True),
+                                                    call, v, table))
     except Exception as exc:  # reported in the table
         row["error"] = _error_text(exc)
     row["seconds"] = time.time() - t0
     return row
+
+
+def _loop_entry(cost: dict, call, v: dict, table: dict) -> dict:
+    """A report entry for one loop (or straight-line loop call) of variant v: its cost, the
+    source call, the useful dots from `table` and the derived ratios."""
+    loop = dict(cost, callee=call.callee if call else None, line=call.first if call else None,
+                role=_loop_role(call.args) if call else "-", dots=None, useful_flops=None)
+    if call is not None and call.callee in table:
+        args = dict(v["constexprs"])
+        args.update({k: x for k, x in call.args.items() if x is not None})
+        args.update({k: None for k, x in call.args.items() if x is None and k.isupper()})
+        loop["masked"] = call.args.get("MASKED")
+        loop["dots"] = table[call.callee](args)
+        loop["useful_flops"] = sum(2 * m * n * k for _d, m, n, k in loop["dots"])
+    if loop["useful_flops"]:
+        instr = cost["path_max"] or cost["instrs"]
+        loop["exec_ratio"] = cost["exec_flops"] / loop["useful_flops"]
+        loop["wi_per_mflop"] = instr * v["num_warps"] / (loop["useful_flops"] / 1e6)
+    return loop
 
 
 def _add_yardstick_multiples(rows):
@@ -408,14 +424,15 @@ def _add_yardstick_multiples(rows):
     for r in rows:
         if r["source"] == "yardstick" and not r["error"]:
             for lp in r["loops"]:
-                if lp.get("masked") is False and lp.get("wi_per_mflop"):
+                if (lp.get("masked") is False and lp.get("wi_per_mflop")
+                        and not lp.get("straight")):
                     refs[(r["arch"], r["kind"], lp["callee"])] = lp
     for r in rows:
         if r["source"] != "attn" or r["error"]:
             continue
         ref = refs.get((r["arch"],) + _YARDSTICK_LOOP.get(r["kind"], ("", "")))
         for lp in r["loops"]:
-            if ref is not None and lp.get("wi_per_mflop"):
+            if ref is not None and lp.get("wi_per_mflop") and not lp.get("straight"):
                 lp["x_yardstick"] = lp["wi_per_mflop"] / ref["wi_per_mflop"]
                 lp["yardstick_loop"] = ref["callee"]
 
@@ -518,9 +535,11 @@ def _cost_markdown(rows, meta) -> str:
         for lp in r["loops"] if not r["error"] else []:
             instr = f"{lp['path_max']}" + (f"/{lp['path_min']}" if lp["path_min"] != lp["path_max"]
                                            else "")
+            role = lp["role"] + (" (no loop in SASS: straight-line, one tile)"
+                                 if lp.get("straight") else "")
             useful = lp.get("useful_flops")
             out.append(
-                f"| {r['name']} | {r['label']} | {lp['callee']} ({lp['line']}) | {lp['role']} "
+                f"| {r['name']} | {r['label']} | {lp['callee']} ({lp['line']}) | {role} "
                 f"| {instr} | {lp['mma_instrs']}: {_mma_text(lp['mma'])} | {lp['ex2']} "
                 f"| {_dots_text(lp['dots'])} | {_fmt(useful and useful / 1e6, '.3f')} "
                 f"| {_fmt(lp.get('exec_ratio'), '.2f')} | {_fmt(lp.get('wi_per_mflop'), '.0f')} "
@@ -549,7 +568,7 @@ def _summary_markdown(rows, sets) -> list:
     for r in rows:
         if r["source"] != "attn" or r["error"]:
             continue
-        for lp in r["loops"]:
+        for lp in (lp for lp in r["loops"] if not lp.get("straight")):
             site = sites.setdefault((r["arch"], r["kind"], lp["callee"], lp["line"]),
                                     dict(role=lp["role"], cells={}))
             if len(lp["role"]) > len(site["role"]):

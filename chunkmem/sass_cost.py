@@ -15,8 +15,8 @@ instruction) and the kernel's Python AST (the call's arguments, evaluated with t
 constexprs).
 
 Entry points: :func:`disassemble` (cubin -> nvdisasm text), :func:`parse_sass`,
-:func:`find_loops`, :func:`loop_cost`, :func:`kernel_calls` / :func:`attribute_loop`,
-:func:`occupancy`.
+:func:`find_loops`, :func:`loop_cost`, :func:`kernel_calls` / :func:`attribute_loop` /
+:func:`call_instructions`, :func:`occupancy`.
 """
 from __future__ import annotations
 
@@ -222,20 +222,25 @@ def mma_flops(opcode: str, num_warps: int) -> int:
     return 2 * m * n * k * units
 
 
-def loop_cost(sass: Sass, loop: Loop, num_warps: int) -> dict:
-    """Static cost of one iteration of `loop`: instrs (every non-NOP instruction of the body),
-    path_min / path_max (instructions along the shortest / longest path through its branches),
-    mma (opcode -> count), mma_instrs, ex2, exec_flops (MMA FLOPs the CTA executes)."""
-    body = [ins for ins in sass.instrs[loop.head:loop.latch + 1] if _counted(ins)]
+def instructions_cost(instrs: list, num_warps: int) -> dict:
+    """instrs (non-NOP count), mma (opcode -> count), mma_instrs, ex2 and exec_flops (MMA
+    FLOPs the CTA executes) of a list of instructions."""
+    body = [ins for ins in instrs if _counted(ins)]
     mma = {}
     for ins in body:
         if mma_shape(ins.opcode):
             mma[ins.opcode] = mma.get(ins.opcode, 0) + 1
-    short, long_ = _path_lengths(sass, loop)
-    return dict(instrs=len(body), path_min=short, path_max=long_, mma=mma,
-                mma_instrs=sum(mma.values()),
+    return dict(instrs=len(body), mma=mma, mma_instrs=sum(mma.values()),
                 ex2=sum(ins.opcode.startswith("MUFU.EX2") for ins in body),
                 exec_flops=sum(mma_flops(op, num_warps) * c for op, c in mma.items()))
+
+
+def loop_cost(sass: Sass, loop: Loop, num_warps: int) -> dict:
+    """Static cost of one iteration of `loop`: instructions_cost of its body, and path_min /
+    path_max (instructions along the shortest / longest path through its branches)."""
+    short, long_ = _path_lengths(sass, loop)
+    return dict(instructions_cost(sass.instrs[loop.head:loop.latch + 1], num_warps),
+                path_min=short, path_max=long_)
 
 
 def mma_summary(sass: Sass) -> dict:
@@ -351,19 +356,37 @@ def kernel_calls(kernel, constexprs: dict) -> list:
     return calls
 
 
+def _kernel_file(kernel) -> str:
+    return os.path.realpath(inspect.getsourcefile(_python_fn(kernel)))
+
+
+def _kernel_line(ins: Instr, kfile: str):
+    """The line of the kernel's own source that an instruction comes from (the outermost frame
+    of its inlining chain in the kernel's file), or None."""
+    outer = [ln for f, ln in ins.chain if os.path.realpath(f) == kfile]
+    return outer[-1] if outer else None
+
+
+def call_instructions(sass: Sass, kernel, call: Call) -> list:
+    """Indices of the instructions that come from `call` (straight-line code of a call whose
+    loop the compiler removed, e.g. a one-trip loop)."""
+    kfile = _kernel_file(kernel)
+    return [i for i, ins in enumerate(sass.instrs)
+            if (line := _kernel_line(ins, kfile)) is not None and call.first <= line <= call.last]
+
+
 def attribute_loop(sass: Sass, loop: Loop, kernel, calls: list):
     """The call of `kernel` (from kernel_calls) that the loop's MMA instructions (else all its
     instructions) come from: the call whose lines hold the kernel-level line of most of them;
     None when no call does (a loop written in the kernel itself)."""
-    kfile = os.path.realpath(inspect.getsourcefile(_python_fn(kernel)))
+    kfile = _kernel_file(kernel)
     body = sass.instrs[loop.head:loop.latch + 1]
     pick = [i for i in body if mma_shape(i.opcode)] or body
     votes = {}
     for ins in pick:
-        outer = [ln for f, ln in ins.chain if os.path.realpath(f) == kfile]
-        if not outer:
+        line = _kernel_line(ins, kfile)
+        if line is None:
             continue
-        line = outer[-1]
         for c in calls:
             if c.first <= line <= c.last:
                 votes[id(c)] = (votes.get(id(c), (0, c))[0] + 1, c)
