@@ -339,7 +339,9 @@ class ChunkMemLM(nn.Module):
     from one segment to the next; ``detach_every=k`` cuts the memory's autograd graph every k
     segments (truncated backprop through time; None keeps the whole graph). Attention keyword
     arguments (n_kv_heads, chunk_size, memory_slots, memory_pool, use_global, rope_base, fusion,
-    backend) are passed to every :class:`HybridAttention`.
+    backend) are passed to every :class:`HybridAttention`; :meth:`set_backend` changes the backend
+    later. :meth:`generate` samples with a KV cache of the current segment (see the module
+    docstring); :meth:`extend` is the forward pass of that cached convention.
     """
 
     def __init__(self, vocab_size, d_model, n_layers, n_heads, *, segment_len=256, detach_every=None,
