@@ -251,8 +251,10 @@ COST_LIMITS = (
     "latency, occupancy effects (CTAs/SM is listed, not applied), trip counts, how often masked "
     "tiles and runtime branches run, and everything outside the loops (prologue, epilogue; a "
     "loop call the compiler made straight-line, such as a one-tile diagonal, is listed with the "
-    "instructions attributed to it, without a multiple). instr/iter is the longest path through the loop body (the "
-    "shortest after '/' where a runtime branch can skip code). warp-instr / useful MFLOP = "
+    "instructions attributed to it, without a multiple). instr/iter is the longest path "
+    "through the loop body (the shortest after '/' where a runtime branch can skip code); "
+    "'instructions by helper' splits the body by the function the loop calls that each "
+    "instruction comes from (from the line table). warp-instr / useful MFLOP = "
     "instr/iter x warps per CTA / useful MFLOP per iteration, lower is better; x yardstick "
     "divides it by the same figure of the yardstick's unmasked main loop of that direction "
     "(fwd: forward loop; dq and preprocess: dQ loop; dk/dv and dmem: dK/dV loop). exec/useful: "
@@ -382,7 +384,9 @@ def _cost_one(job) -> dict:
             if cost["mma_instrs"]:
                 call = sc.attribute_loop(sass, lp, v["fn"], calls)
                 looped.add(id(call))
-                row["loops"].append(_loop_entry(dict(cost, depth=lp.depth), call, v, table))
+                where = sc.loop_breakdown(sass, lp, v["fn"], call.callee) if call else {}
+                row["loops"].append(_loop_entry(dict(cost, depth=lp.depth, breakdown=where),
+                                                call, v, table))
         # loop calls the compiler turned into straight-line code (one trip, e.g. a diagonal tile)
         for call in calls:
             if call.callee in table and id(call) not in looped:
@@ -529,21 +533,23 @@ def _cost_markdown(rows, meta) -> str:
     out += ["", "## Loops holding MMAs (per iteration)", "",
             "| kernel | flags | loop (line) | what | instr/iter | MMA/iter | EX2/iter "
             "| useful dots | useful MFLOP | exec/useful | warp-instr / useful MFLOP "
-            "| x yardstick |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| x yardstick | instructions by helper (top 4) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for lp in r["loops"] if not r["error"] else []:
             instr = f"{lp['path_max']}" + (f"/{lp['path_min']}" if lp["path_min"] != lp["path_max"]
                                            else "")
             role = lp["role"] + (" (no loop in SASS: straight-line, one tile)"
                                  if lp.get("straight") else "")
+            top = list(lp.get("breakdown", {}).items())[:4]
             useful = lp.get("useful_flops")
             out.append(
                 f"| {r['name']} | {r['label']} | {lp['callee']} ({lp['line']}) | {role} "
                 f"| {instr} | {lp['mma_instrs']}: {_mma_text(lp['mma'])} | {lp['ex2']} "
                 f"| {_dots_text(lp['dots'])} | {_fmt(useful and useful / 1e6, '.3f')} "
                 f"| {_fmt(lp.get('exec_ratio'), '.2f')} | {_fmt(lp.get('wi_per_mflop'), '.0f')} "
-                f"| {_fmt(lp.get('x_yardstick'), '.2f')} |")
+                f"| {_fmt(lp.get('x_yardstick'), '.2f')} "
+                f"| {', '.join(f'{k} {n}' for k, n in top)} |")
     out += ["", "## Useful dots per loop", "",
             "FLOPs = 2 M N K per dot; M x N is the (query x key) tile, K the head dim.", "",
             "| kernel kind | loop function | dots per iteration |", "|---|---|---|",

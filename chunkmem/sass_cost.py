@@ -16,11 +16,12 @@ constexprs).
 
 Entry points: :func:`disassemble` (cubin -> nvdisasm text), :func:`parse_sass`,
 :func:`find_loops`, :func:`loop_cost`, :func:`kernel_calls` / :func:`attribute_loop` /
-:func:`call_instructions`, :func:`occupancy`.
+:func:`call_instructions`, :func:`loop_breakdown`, :func:`occupancy`.
 """
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import os
 import re
@@ -393,3 +394,42 @@ def attribute_loop(sass: Sass, loop: Loop, kernel, calls: list):
     if not votes:
         return None
     return max(votes.values(), key=lambda vc: vc[0])[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _function_spans(path: str) -> tuple:
+    """(first line, last line, name) of every function defined in a Python source file."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    return tuple((n.lineno, n.end_lineno, n.name) for n in ast.walk(tree)
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+
+def _enclosing_function(path: str, line: int):
+    spans = [s for s in _function_spans(path) if s[0] <= line <= s[1]]
+    return min(spans, key=lambda s: s[1] - s[0])[2] if spans else None
+
+
+def loop_breakdown(sass: Sass, loop: Loop, kernel, callee: str) -> dict:
+    """Where the loop's instructions come from: helper function called by the loop function
+    `callee` (a name of the kernel's module) -> instruction count; `callee` itself for its own
+    lines, "other" for instructions outside it (loop control, hoisted code)."""
+    module = inspect.getmodule(_python_fn(kernel))
+    fn = _python_fn(getattr(module, callee))
+    ffile = os.path.realpath(inspect.getsourcefile(fn))
+    lines, start = inspect.getsourcelines(fn)
+    end = start + len(lines) - 1
+    out = {}
+    for ins in sass.instrs[loop.head:loop.latch + 1]:
+        if not _counted(ins):
+            continue
+        name = "other"
+        for j, (f, ln) in enumerate(ins.chain):
+            if os.path.realpath(f) == ffile and start <= ln <= end:
+                name = callee if j == 0 else (
+                    _enclosing_function(os.path.realpath(ins.chain[j - 1][0]),
+                                        ins.chain[j - 1][1]) or "other")
+                break
+        out[name] = out.get(name, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
