@@ -120,6 +120,32 @@ def test_generate_left_padded(llama, cache):
     assert _max_diff(logits, ref_logits) < ATOL
 
 
+def test_generate_static_cache_compiled_decoding(llama):
+    # what generate() does on a GPU with a static cache: the decoding step is torch.compile'd,
+    # with the masks built ahead of it (here on the CPU with the aot_eager backend: no C++ build)
+    from torch._dynamo.utils import counters
+    from transformers.generation import CompileConfig
+
+    config = CompileConfig(backend="aot_eager", mode=None, fullgraph=False)
+    config._compile_all_devices = True
+    ids = _tokens(2, 10, seed=2)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    ref_tok, ref_logits = _generate(llama, "sdpa", ids, mask, "static", 6)
+    try:
+        llama.generation_config.compile_config = config
+        torch._dynamo.reset()
+        counters.clear()
+        tok, logits = _generate(llama, "chunkmem", ids, mask, "static", 6)
+        assert counters["stats"]["calls_captured"] > 0  # the decoding step was compiled
+        assert not counters["graph_break"], dict(counters["graph_break"])  # in one graph
+    finally:
+        llama.generation_config.compile_config = None
+        torch._dynamo.reset()
+    assert torch.equal(tok, ref_tok)
+    assert _max_diff(logits, ref_logits) < ATOL
+
+
 def test_4d_mask_causal_with_left_padding_is_accepted(llama):
     ids = _tokens(2, 9, seed=3)
     pad = torch.ones(2, 9, dtype=torch.bool)

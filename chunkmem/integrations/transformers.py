@@ -26,6 +26,11 @@ sinks, position biases, non-causal attention, sliding windows wider than nothing
 functions, masks with holes, per-head or additive float masks. Outputs at padding positions
 (queries that are themselves padding) are not part of the contract: they are 0 for left
 padding and whatever causal attention gives for right padding; transformers ignores them.
+
+torch.compile: the mask builder reads tensor values (the padding, the cache's length) to build
+and check its plan, so inside a compiled region it is a graph break (``fullgraph=True`` fails
+there). ``generate()`` with a static cache builds the masks before its compiled decoding step,
+which then runs in one graph: the plan's ranges are tensors, so it is not recompiled per token.
 """
 from __future__ import annotations
 
@@ -264,13 +269,16 @@ def chunkmem_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     ``NotImplementedError`` when no plan reproduces transformers' mask exactly.
     """
     mu = _masking_utils()
-    q_offset, kv_offset = int(q_offset), int(kv_offset)
     if isinstance(attention_mask, ChunkmemMask):  # built by generate() already, passed back in
-        if attention_mask.shape != (batch_size, 1, q_length, kv_length) or \
-                (attention_mask.q_offset, attention_mask.kv_offset) != (q_offset, kv_offset):
+        # (the offsets are compared in eager mode only: reading a static cache's length
+        # would break a compiled decoding step's graph)
+        if attention_mask.shape != (batch_size, 1, q_length, kv_length) or (
+                not torch.compiler.is_compiling()
+                and (attention_mask.q_offset, attention_mask.kv_offset) != (int(q_offset), int(kv_offset))):
             raise NotImplementedError("chunkmem: a ChunkmemMask was passed for other sizes than the "
                                       f"current ones ({attention_mask!r})")
         return attention_mask
+    q_offset, kv_offset = int(q_offset), int(kv_offset)
     if kwargs.get("allow_is_bidirectional_skip") or not getattr(config, "is_causal", True):
         raise NotImplementedError("chunkmem: non-causal (bidirectional) attention is not supported")
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
