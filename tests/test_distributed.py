@@ -6,7 +6,8 @@ the one-process evaluation.
 
 Tolerances (float32): the processes compute the same per-row math on half the rows each and sum
 the gradients in another order, so losses agree to rtol 1e-5 and parameters after 5 AdamW steps
-to atol 2e-5 (observed: ~1e-7 and ~1e-6). Resuming is bit-exact on the same number of processes
+to atol 2e-5 (observed: ~1e-7 and ~1e-6); the gradient norms before clipping (the gradient's
+scale, which AdamW and clipping would hide in the weights) to rtol 1e-5. Resuming is bit-exact on the same number of processes
 (checked to 1e-6). Evaluation: the per-token NLL is float32, computed on batches of another shape,
 summed in float64: bits per byte to rtol 1e-6, recall counts exact.
 """
@@ -51,7 +52,8 @@ def _scenario(parallel, ckpt_path, docs):
     ctx = init_distributed("cpu")
     cfg = _cfg()
     full = Trainer(cfg, train_docs=docs, ctx=ctx, parallel=parallel)
-    losses = [full.step()["loss"] for _ in range(STEPS)]
+    rows = [full.step() for _ in range(STEPS)]
+    losses, gnorms = [r["loss"] for r in rows], [r["grad_norm"] for r in rows]
     params = _full_params(full)
     first = Trainer(cfg, train_docs=docs, ctx=ctx, parallel=parallel)
     for _ in range(SPLIT):
@@ -60,7 +62,8 @@ def _scenario(parallel, ckpt_path, docs):
     second = Trainer(cfg, train_docs=docs, ctx=ctx, parallel=parallel)
     second.load(ckpt_path)
     resumed = [second.step()["loss"] for _ in range(STEPS - SPLIT)]
-    return {"losses": losses, "params": params, "resumed": resumed, "resumed_params": _full_params(second)}
+    return {"losses": losses, "grad_norms": gnorms, "params": params, "resumed": resumed,
+            "resumed_params": _full_params(second)}
 
 
 def _compiled(docs):
@@ -137,8 +140,8 @@ def two_ranks(tmp_path_factory):
 def one_process():
     """The uninterrupted one-process run on the same global batch."""
     t = Trainer(_cfg(), train_docs=_docs())
-    losses = [t.step()["loss"] for _ in range(STEPS)]
-    return losses, _full_params(t)
+    rows = [t.step() for _ in range(STEPS)]
+    return [r["loss"] for r in rows], _full_params(t), [r["grad_norm"] for r in rows]
 
 
 def _assert_params_close(a, b, atol):
@@ -150,9 +153,11 @@ def _assert_params_close(a, b, atol):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_equal_one_process(parallel, two_ranks, one_process):
     _, results = two_ranks
-    losses, params = one_process
+    losses, params, gnorms = one_process
     for res in results:  # every rank logs the global loss and holds the same (gathered) weights
         np.testing.assert_allclose(res[parallel]["losses"], losses, rtol=1e-5, atol=0)
+        # the gradient itself (AdamW and clipping would hide a wrong scale in the weights)
+        np.testing.assert_allclose(res[parallel]["grad_norms"], gnorms, rtol=1e-5, atol=0)
         _assert_params_close(res[parallel]["params"], params, atol=2e-5)
     assert losses[-1] < losses[0]  # it trained
 
@@ -170,7 +175,7 @@ def test_two_rank_checkpoint_resumes_on_one_process(two_ranks, one_process):
     """Data position and memory are stored in global row order: one process continues the
     2-process run where it stopped."""
     out, _ = two_ranks
-    losses, params = one_process
+    losses, params, _ = one_process
     for path in (os.path.join(out, "ddp.pt"), os.path.join(out, "fsdp")):
         t = Trainer(_cfg(), train_docs=_docs())
         t.load(path)
@@ -182,7 +187,7 @@ def test_two_rank_checkpoint_resumes_on_one_process(two_ranks, one_process):
 
 def test_ddp_with_torch_compile(two_ranks, one_process):
     _, results = two_ranks
-    losses, _ = one_process
+    losses = one_process[0]
     for res in results:
         c = res["compiled"]
         assert not c["graph_breaks"]
