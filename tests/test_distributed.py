@@ -210,3 +210,40 @@ def test_evaluation_is_reduced_over_ranks(two_ranks):
     for k in ref:
         assert ev0[k] == pytest.approx(ref[k], rel=1e-6, abs=0), k
     assert sum(ref[f"n_d{d}"] for d in t.cfg.recall_distances) == 9 * t.cfg.recall_pairs
+
+
+# ------------------------------------------------------------------ sharding (no processes)
+
+def test_row_shards_read_what_one_process_reads():
+    from chunkmem.training.data import RecallSpec, recall_stream, text_stream
+    from chunkmem.training.sharding import row_slice
+    docs = _docs()
+    spec = RecallSpec(segment_len=16, pool=4, n_pairs=3)
+    for make in (lambda rows: text_stream(docs, 6, 16, 7, rows), lambda rows: recall_stream(spec, 6, 7, rows)):
+        full = make(None)
+        shards = [make(row_slice(6, r, 3)) for r in range(3)]
+        for _ in range(4):
+            expect = full.next_window(5)
+            got = [s.next_window(5) for s in shards]
+            for i, a in enumerate(expect):
+                np.testing.assert_array_equal(np.concatenate([g[i] for g in got]), a)
+    with pytest.raises(ValueError, match="evenly"):
+        row_slice(6, 0, 4)
+
+
+def test_eval_batches_deal_every_document_once():
+    from chunkmem.training.sharding import eval_batches
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 200, size=23).tolist()
+    plans = [eval_batches(lengths, 4, r, 3, 16, 8) for r in range(3)]
+    assert len({len(p) for p in plans}) == 1  # same number of batches on every process
+    for batches in zip(*plans):
+        assert len({n for _, n in batches}) == 1  # and the same segment count in each
+        assert all(len(idx) <= 4 for idx, _ in batches)
+    dealt = [i for p in plans for idx, _ in p for i in idx]
+    assert sorted(dealt) == list(range(23))
+    # one process: length-sorted batches of 4
+    order = sorted(range(23), key=lambda i: lengths[i])
+    one = eval_batches(lengths, 4, 0, 1, 16, 8)
+    assert [idx for idx, _ in one] == [order[i: i + 4] for i in range(0, 23, 4)]
+    assert [n for _, n in one] == [min(8, max(-(-lengths[j] // 16) for j in order[i: i + 4])) for i in range(0, 23, 4)]

@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         return _sample(args)
     from chunkmem.training.checkpoint import CheckpointError
     from chunkmem.training.loop import Trainer
-    from chunkmem.training.run import compare, default_ckpt_path, final_eval, train_run
+    from chunkmem.training.run import compare, final_eval, latest_checkpoint, train_run
 
     overrides = {k: getattr(args, k) for k in ("steps", "lr", "seed", "threads", "device", "out_dir",
                                                "text_rows", "recall_rows")}
@@ -179,7 +179,10 @@ def main(argv=None) -> int:
                                     parallel=parallel, compile=args.compile, resume_from=args.resume)
             else:
                 trainer = Trainer(cfg, ctx=ctx, parallel=parallel, compile=args.compile)
-                trainer.load(args.resume or default_ckpt_path(cfg, args.preset, trainer.parallel))
+                path = args.resume or latest_checkpoint(cfg, args.preset)
+                if path is None:
+                    raise CheckpointError(f"no checkpoint in {cfg.run_dir(args.preset)}; pass --resume PATH")
+                trainer.load(path)
         except CheckpointError as e:
             raise SystemExit(f"error: {e}") from None
         ev = final_eval(trainer, stdlib_documents("val", val_fraction=cfg.val_fraction))

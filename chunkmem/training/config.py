@@ -100,19 +100,20 @@ PRESETS: dict[str, dict] = {
 }
 
 # What each preset is (shown by --help). Parameter counts: sum of numel over the model's
-# parameters. Times: wall-clock on a 2-core AMD EPYC CPU, one torch thread, as stated.
+# parameters. Times: wall-clock on a 2-core AMD EPYC CPU, one torch thread per process.
 PRESET_NOTES: dict[str, str] = {
-    "tiny": ("d_model 32, 2 layers, 2 heads, segment 16, 4 rows x 5 segments, 8 steps; 38,820 params "
-             "(memory model). Smoke test: about 0.1 s per step, a whole train run with evaluation and "
-             "checkpoints in a few seconds plus startup (measured)."),
+    "tiny": ("d_model 32, 2 layers, 2 heads, segment 16, 4 rows x 5 segments, 8 steps; 37,644 params "
+             "(memory model). Smoke test: 60-90 ms per step on one process (measured, this CPU shared "
+             "with other jobs), a whole run with its evaluations and checkpoints in about 15 s wall "
+             "including startup."),
     "cpu-small": ("d_model 64, 2 layers, 2 heads, segment 32, 48 rows x 5 segments, 2000 steps; 132,620 "
-                  "params (memory model; 115,980 without memory, 115,968 transformer). About 8.5 min "
-                  "per model (512 s memory, 402 s nomem, 387 s transformer, from the committed "
-                  "bench/results/cpu-amd-epyc/lm_compare.md), so `compare` takes about 22 min plus "
-                  "evaluation."),
-    "gpu": ("d_model 512, 8 layers, 8 heads, segment 512, 64 rows x 5 segments, 5000 steps; 25.8M "
-            "params (memory model). Meant for one modern GPU (bf16 autocast, Triton kernels); not "
-            "practical on a 2-core CPU."),
+                  "params (memory model; 115,980 without memory, 115,968 transformer). About 6.5-8.5 min "
+                  "per model on one thread (512 s memory, 402 s nomem, 387 s transformer, from the "
+                  "committed bench/results/cpu-amd-epyc/lm_compare.md), so `compare` takes about 22 min "
+                  "plus evaluation."),
+    "gpu": ("d_model 512, 8 layers, 8 heads, segment 512, 64 rows x 5 segments, 5000 steps; 29.5M "
+            "params (memory model). Meant for one modern GPU (bf16 autocast, Triton kernels); its run "
+            "time was not measured; on a 2-core CPU it is not practical."),
 }
 
 

@@ -17,7 +17,7 @@ from chunkmem.training.distributed import DistContext
 from chunkmem.training.loop import Trainer
 from chunkmem.training.outputs import device_name, format_table, median_load, plot_losses, write_csv
 
-__all__ = ["default_ckpt_path", "train_run", "final_eval", "compare"]
+__all__ = ["default_ckpt_path", "latest_checkpoint", "train_run", "final_eval", "compare"]
 
 
 def default_ckpt_path(cfg: TrainConfig, preset: str, parallel: str = "ddp") -> str:
@@ -25,22 +25,34 @@ def default_ckpt_path(cfg: TrainConfig, preset: str, parallel: str = "ddp") -> s
     return os.path.join(cfg.run_dir(preset), "ckpt-sharded" if parallel == "fsdp" else "ckpt.pt")
 
 
+def latest_checkpoint(cfg: TrainConfig, preset: str) -> str | None:
+    """The run directory's newer checkpoint of the two layouts (a run may switch between DDP and
+    FSDP2), or None."""
+    found = []
+    for parallel in ("ddp", "fsdp"):
+        path = default_ckpt_path(cfg, preset, parallel)
+        marker = os.path.join(path, "latest") if parallel == "fsdp" else path
+        if os.path.isfile(marker):
+            found.append((os.path.getmtime(marker), path))
+    return max(found)[1] if found else None
+
+
 def train_run(cfg: TrainConfig, preset: str, resume: bool = True, progress: bool = True, val_docs=None, *,
               ctx: DistContext | None = None, parallel: str = "ddp", compile: bool = False,
               resume_from: str | None = None) -> Trainer:
     """Train up to cfg.steps with periodic evaluation and checkpoints; write the logs and the loss
     PNG. Resumes from ``resume_from`` when given (an error if it cannot be resumed), else from the
-    run directory's checkpoint when there is one and ``resume``."""
+    run directory's latest checkpoint when there is one and ``resume``."""
     from tqdm import tqdm
 
     trainer = Trainer(cfg, ctx=ctx, parallel=parallel, compile=compile)
     ctx = trainer.ctx
     run_dir = cfg.run_dir(preset)
     ckpt_path = default_ckpt_path(cfg, preset, trainer.parallel)
+    if resume_from is None and resume:
+        resume_from = latest_checkpoint(cfg, preset)
     if resume_from is not None:
         trainer.load(resume_from)
-    elif resume and os.path.exists(ckpt_path):
-        trainer.load(ckpt_path)
     if ctx.is_main:
         os.makedirs(run_dir, exist_ok=True)
     val_docs = val_docs if val_docs is not None else stdlib_documents("val", val_fraction=cfg.val_fraction)
