@@ -224,6 +224,24 @@ def test_llama4_generate_prompt_longer_than_a_chunk(llama4, cache):
     assert _max_diff(logits[:1], alone_logits) < ATOL
 
 
+def test_plain_causal_and_chunked_masks_skip_the_full_check(llama4, monkeypatch):
+    # transformers' own causal/chunked masks are checked through the padding alone (O(B*Tk));
+    # other patterns (here packed sequences) are compared entry by entry with transformers' mask
+    import transformers.masking_utils as mu
+
+    built = []
+    full_mask = mu.sdpa_mask
+    monkeypatch.setattr(mu, "sdpa_mask", lambda *a, **k: built.append(1) or full_mask(*a, **k))
+    ids = _tokens(2, 21, seed=6)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    _generate(llama4, "chunkmem", ids, mask, "dynamic", 3)
+    assert not built
+    _, batch = _packed_batch([5, 11], seed=10)
+    _logits(llama4, "chunkmem", **batch)
+    assert built
+
+
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_llama4_cache_continuation_in_pieces(llama4, cache):
     # several tokens at a time on a cache that already dropped keys (kv_offset > 0 with Tq > 1)

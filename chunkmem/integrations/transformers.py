@@ -212,9 +212,10 @@ def _plan_mask(plan: _Plan, B: int, Tq: int, Tk: int, i0: int, i1: int, device) 
 
 
 def _padding_is_one_block(m: _MaskInputs, plan: _Plan) -> bool:
-    """Exact check for a plain causal mask: transformers' mask is causal AND not-padding, the
-    plan's is causal within [kv_start, kv_end); they agree on every real query iff no padding
-    lies between a row's first valid key and its last real query."""
+    """Exact check for a plain causal (or chunked) mask: transformers' mask is causal AND
+    not-padding (AND same chunk), the plan's is causal within [kv_start, kv_end) (AND same
+    chunk); they agree on every real query iff no padding lies between a row's first valid key
+    and its last real query."""
     if m.padding is None:
         return True
     Tq, Tk, dev = m.q_length, m.kv_length, m.device
@@ -227,11 +228,42 @@ def _padding_is_one_block(m: _MaskInputs, plan: _Plan) -> bool:
     return bool((pad | ~needed).all())
 
 
+def _closure(fn) -> dict:
+    return dict(zip(fn.__code__.co_freevars, (cell.cell_contents for cell in fn.__closure__ or ())))
+
+
+def _is_plain_chunked_mask(mask_function, chunk_size: int, left_padding: torch.Tensor) -> bool:
+    """Is ``mask_function`` exactly transformers' chunked causal mask,
+    ``and_masks(chunked_overlay(chunk_size, left_padding), causal_mask_function)``, with the
+    same chunk size and left padding as the plan? (Recognized by code identity and captured
+    values; anything else, e.g. a remapped packed-sequence mask, returns False.)"""
+    mu = _masking_utils()
+    try:
+        if mask_function.__code__ is not mu.and_masks(mu.causal_mask_function).__code__:
+            return False
+        overlay, causal = _closure(mask_function)["mask_functions"]
+        if causal is not mu.causal_mask_function or \
+                overlay.__code__ is not mu.chunked_overlay(chunk_size, left_padding).__code__:
+            return False
+        captured = _closure(overlay)
+        theirs = torch.as_tensor(captured["left_padding"], device=left_padding.device).long()
+        return captured["chunk_size"] == chunk_size and theirs.shape == left_padding.shape and \
+            bool((theirs == left_padding).all())
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return False
+
+
 def _plan_matches(m: _MaskInputs, plan: _Plan) -> bool:
     """Does the op with ``plan`` see exactly the keys transformers' mask allows, for every query
-    that is not padding? Compared block by block (bounded memory)."""
+    that is not padding? Compared block by block (bounded memory), except for transformers' plain
+    causal and chunked masks, where a check of the padding alone is exact: their chunks are
+    counted from each row's first valid token, as the plan's positions are (key j of row b at
+    position start_pos[b] + j - kv_start[b] = its cache index minus the left padding)."""
     mu = _masking_utils()
-    if m.mask_function is mu.causal_mask_function and plan.cu_seqlens is None and plan.chunk_size is None:
+    if plan.cu_seqlens is None and (
+            (plan.chunk_size is None and m.mask_function is mu.causal_mask_function)
+            or (plan.chunk_size is not None
+                and _is_plain_chunked_mask(m.mask_function, plan.chunk_size, m.left_padding))):
         return _padding_is_one_block(m, plan)
     B, Tq, Tk = m.batch_size, m.q_length, m.kv_length
     step = max(1, _VERIFY_BLOCK_ELEMENTS // max(1, B * Tk))
