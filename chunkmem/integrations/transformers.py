@@ -12,9 +12,10 @@
   2-D padding mask and the layer's mask pattern (causal, chunked, packed sequences...). It
   turns them into the op's per-row key ranges (``kv_start``, ``kv_end``), ``start_pos`` and
   ``chunk_size``, or into packed documents (``cu_seqlens``), and checks that this plan gives
-  exactly transformers' own mask on every query that is not itself padding (the check is
-  skipped where it is known to hold: a plain causal mask whose padding is one contiguous
-  block per row). It returns a :class:`ChunkmemMask`, not a tensor: no (Tq, Tk) mask is kept.
+  exactly transformers' own mask on every query that is not itself padding: entry by entry,
+  except for transformers' plain causal and chunked masks, where checking that each row's
+  padding is one leading block is exact and O(B * Tk). It returns a :class:`ChunkmemMask`, not
+  a tensor: no (Tq, Tk) mask is kept.
 - an attention function (``AttentionInterface``) that runs ``hybrid_attention`` with that plan:
   the chunk path (``chunk_size = attention_chunk_size``, no global path) on layers whose mask is
   chunked (Llama 4's ``"chunked_attention"`` layers), the global path on the others. The model
@@ -22,15 +23,18 @@
 
 Where the attention would not be exactly what ``attn_implementation="sdpa"`` computes, it raises
 ``NotImplementedError`` naming the feature: dropout in training, logit soft-capping, attention
-sinks, position biases, non-causal attention, sliding windows wider than nothing, custom mask
-functions, masks with holes, per-head or additive float masks. Outputs at padding positions
+sinks, position biases, non-causal attention, sliding windows narrower than the keys, custom
+mask functions, padding between valid tokens, 4-D masks other than causal with per-row padding
+(per-head, additive biases, holes), packed-sequence kwargs (``cu_seq_lens_q/k``) that the mask
+does not follow (transformers packs the mask only without a cache). Outputs at padding positions
 (queries that are themselves padding) are not part of the contract: they are 0 for left
 padding and whatever causal attention gives for right padding; transformers ignores them.
 
 torch.compile: the mask builder reads tensor values (the padding, the cache's length) to build
 and check its plan, so inside a compiled region it is a graph break (``fullgraph=True`` fails
 there). ``generate()`` with a static cache builds the masks before its compiled decoding step,
-which then runs in one graph: the plan's ranges are tensors, so it is not recompiled per token.
+which then runs in one graph (the plan's key ranges are tensors: Llama's decoding steps share
+one graph, tested on the CPU with the aot_eager backend).
 """
 from __future__ import annotations
 
