@@ -11,9 +11,10 @@ report.md (the tables, also printed), time_vs_T.png, memory_vs_T.png and PROVENA
 and command). The committed results the README quotes live in bench/results/<device-name>/ and
 are regenerated only on purpose: python -m bench --out bench/results/<device-name>.
 
-Duration: the default CPU sweep takes about {cpu_minutes} on a quiet 2-core CPU (longer when other
-jobs share the machine); --seq-lens 512,1024 --model-impls '' --min-time 0.2 takes about a
-minute. See bench/README.md for the method.
+Duration on a 2-core CPU (this project's machine): the default sweep (86 points) took 25 min
+while other jobs loaded the machine (load average 7-13); its 58 points other than the chunk-only
+rows took 3.5 min when it was quiet. --seq-lens 512,1024 --model-impls '' --min-time 0.2 took
+1.7 min. See bench/README.md for the method.
 """
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ from bench.sweep import PASSES, SweepConfig, plan, run_plan
 
 CPU_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
 GPU_SEQ_LENS = tuple(2 ** i for i in range(10, 18))  # 1k .. 128k
-CPU_MINUTES = "6 minutes"  # measured: the default sweep on this project's 2-core CPU
 
 
 def _ints(text):
@@ -49,7 +49,7 @@ def _names(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.format(cpu_minutes=CPU_MINUTES),
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what runs")
     g.add_argument("--device", default="auto",
