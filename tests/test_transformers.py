@@ -3,7 +3,8 @@ on the same tiny random-init models (fp32, CPU, nothing downloaded).
 
 Tolerance: logits of these models are O(10); sdpa and chunkmem sum in different orders, so they
 agree to fp32 rounding, not bitwise: ATOL = 5e-5 (about 10x the largest difference measured).
-The init std is 10x transformers' default so that greedy decoding is not decided by near-ties.
+The init std is 10x transformers' default so that greedy decoding is not decided by near-ties;
+no EOS token, so every generate() runs its full length.
 """
 import pytest
 import torch
@@ -37,7 +38,7 @@ def one_thread():
 def _llama_config(**overrides):
     return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       initializer_range=0.2, pad_token_id=0, **overrides)
+                       initializer_range=0.2, pad_token_id=0, eos_token_id=None, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def llama4():
                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                            attention_chunk_size=CHUNK, num_local_experts=2, num_experts_per_tok=1,
                            moe_layers=[], interleave_moe_layer_step=0, max_position_embeddings=256,
-                           initializer_range=0.2, pad_token_id=0)
+                           initializer_range=0.2, pad_token_id=0, eos_token_id=None)
     assert cfg.layer_types == ["chunked_attention"] * 3 + ["full_attention"]
     return Llama4ForCausalLM(cfg).eval()
 
@@ -216,6 +217,7 @@ def test_llama4_generate_prompt_longer_than_a_chunk(llama4, cache):
     mask[0, :pad] = 0
     tok, logits = _generate(llama4, "chunkmem", ids, mask, cache, 20)
     ref_tok, ref_logits = _generate(llama4, "sdpa", ids, mask, cache, 20)
+    assert tok.shape == (2, 20)
     assert torch.equal(tok, ref_tok)
     assert _max_diff(logits, ref_logits) < ATOL
     # the padded row generates what the same row does without padding
