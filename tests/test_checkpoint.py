@@ -126,6 +126,43 @@ def test_process_killed_while_saving_leaves_a_loadable_checkpoint(saved, tmp_pat
     assert r.step_count == 2
 
 
+@pytest.mark.parametrize("where", ["shards", "commit"])
+def test_interrupted_sharded_save_keeps_the_previous_checkpoint(where, tmp_path, monkeypatch, docs):
+    """The sharded layout (what FSDP2 runs write; here written by one process): dying while the
+    shards are written, or just before ``latest`` is replaced, leaves the previous one current."""
+    import torch.distributed.checkpoint as dcp
+    t = Trainer(_cfg(), train_docs=docs)
+    t.step()
+    t.step()
+    root = str(tmp_path / "sharded")
+    ckpt_mod._save_sharded(t, root, ckpt_mod._plain_state(t))
+    t.step()
+    real = dcp.save
+
+    def dying_dcp_save(state, checkpoint_id):
+        real({"model": state["model"]}, checkpoint_id=checkpoint_id)  # part of it
+        raise KeyboardInterrupt("killed while saving")
+
+    def dying_commit(path, text):
+        raise KeyboardInterrupt("killed before the commit")
+
+    if where == "shards":
+        monkeypatch.setattr(dcp, "save", dying_dcp_save)
+    else:
+        monkeypatch.setattr(ckpt_mod, "_atomic_write_text", dying_commit)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt_mod._save_sharded(t, root, ckpt_mod._plain_state(t))
+    monkeypatch.undo()
+    assert len(os.listdir(root)) == 3  # latest, the good step folder, the unfinished one
+    r = Trainer(_cfg(), train_docs=docs)
+    r.load(root)
+    assert r.step_count == 2
+    ckpt_mod._save_sharded(t, root, ckpt_mod._plain_state(t))  # the next save cleans up
+    assert len(os.listdir(root)) == 2
+    r.load(root)
+    assert r.step_count == 3
+
+
 class _Payload:
     """Unpickling it would create a marker file."""
 

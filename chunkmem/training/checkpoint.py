@@ -7,7 +7,7 @@ containers only: a checkpoint holding any other pickled object is refused):
 - one file (one process and DDP): written by rank 0 as ``PATH.tmp-<pid>``, flushed to disk, then
   renamed over ``PATH`` (``os.replace`` is atomic), so a run killed while saving leaves the
   previous checkpoint intact.
-- a directory (FSDP2, sharded with ``torch.distributed.checkpoint``): ``PATH/step-<n>/`` holds the
+- a directory (FSDP2, sharded with ``torch.distributed.checkpoint``): ``PATH/step-<n>-<id>/`` holds the
   shards of the model and optimizer tensors written by every rank plus ``meta.pt`` (everything
   else); ``PATH/latest`` names the complete one and is replaced atomically only once every rank
   has finished writing, then older ``step-*`` folders are removed. The ``.metadata`` index of
@@ -21,12 +21,14 @@ model or data configuration is refused with the list of differing fields, before
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
 import pickle
 import random
 import shutil
+import time
 import warnings
 import zipfile
 
@@ -183,8 +185,7 @@ def save_checkpoint(trainer, path: str) -> None:
     """Checkpoint ``trainer`` to ``path`` (every process calls it). FSDP2 runs write a sharded
     directory, the others a single file from rank 0."""
     ctx = trainer.ctx
-    plain = {"format": FORMAT, "config": dataclasses.asdict(trainer.cfg), "world_size": ctx.world_size,
-             "parallel": trainer.parallel, **trainer.run_state()}
+    plain = _plain_state(trainer)
     StateDictOptions, get_state_dict, _ = _state_dict_api()
     if trainer.parallel == "fsdp":
         _save_sharded(trainer, path, plain)
@@ -198,23 +199,30 @@ def save_checkpoint(trainer, path: str) -> None:
     ctx.barrier()
 
 
+def _plain_state(trainer) -> dict:
+    """Everything but the model and optimizer tensors (collective: see Trainer.run_state)."""
+    return {"format": FORMAT, "config": dataclasses.asdict(trainer.cfg), "world_size": trainer.ctx.world_size,
+            "parallel": trainer.parallel, **trainer.run_state()}
+
+
 def _save_sharded(trainer, path: str, plain: dict) -> None:
     import torch.distributed.checkpoint as dcp
     _, get_state_dict, _ = _state_dict_api()
     ctx = trainer.ctx
     model_sd, optim_sd = get_state_dict(trainer.module, trainer.opt)
-    name = f"step-{trainer.step_count:08d}"
+    # a new folder name for every save, so the folder ``latest`` names is never touched
+    name = ctx.broadcast_object(f"step-{trainer.step_count:08d}-{time.time_ns():x}")
     final, tmp = os.path.join(path, name), os.path.join(path, name + ".tmp")
     if ctx.is_main:
         os.makedirs(path, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     ctx.barrier()
-    dcp.save({"model": model_sd, "optim": optim_sd["state"]}, checkpoint_id=tmp)
+    with _one_process_quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd["state"]}, checkpoint_id=tmp)
     if ctx.is_main:
         plain["optimizer_param_groups"] = optim_sd["param_groups"]
         atomic_save(plain, os.path.join(tmp, META))
-        shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(path)
         _atomic_write_text(os.path.join(path, LATEST), name + "\n")  # the commit point
@@ -261,9 +269,17 @@ def _dcp_load(state: dict, folder: str) -> None:
     """``dcp.load`` in place, after checking the index; quiet about loading on one process."""
     import torch.distributed.checkpoint as dcp
     _check_dcp_index(folder)
+    with _one_process_quiet():
+        dcp.load(state, checkpoint_id=folder)
+
+
+@contextlib.contextmanager
+def _one_process_quiet():
+    """Without a process group, torch.distributed.checkpoint warns that it assumes one process:
+    that is the intent here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=folder)
+        yield
 
 
 _INDEX_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
