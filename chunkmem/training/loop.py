@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from chunkmem.nn import MemoryState
+from chunkmem.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from chunkmem.training.config import TrainConfig, build_model, resolve_device
 from chunkmem.training.data import recall_stream, stdlib_documents, text_stream
 from chunkmem.training.distributed import DistContext, unwrap_model, wrap_model
@@ -163,7 +164,6 @@ class Trainer:
         """Step, schedule, data position and carried memory in global row order, logs, and the RNG
         states of every process: plain containers and tensors. A collective: every process calls
         it; the result is the same on every process (RNG states aside)."""
-        from chunkmem.training.checkpoint import rng_state
         data = {}
         positions = self.ctx.all_gather_object({k: s.state_dict() for k, s in self.streams.items()})
         for k in self.streams:
@@ -200,7 +200,6 @@ class Trainer:
 
     def load_run_state(self, rs: dict) -> None:
         """Inverse of :meth:`run_state` (any number of processes, if the rows split evenly)."""
-        from chunkmem.training.checkpoint import set_rng_state
         self.sched.load_state_dict(rs["scheduler"])
         self.step_count = int(rs["step"])
         for k, s in self.streams.items():
@@ -220,12 +219,10 @@ class Trainer:
     # -- checkpoints
     def save(self, path: str) -> None:
         """Checkpoint the run to ``path`` (collective; see :mod:`chunkmem.training.checkpoint`)."""
-        from chunkmem.training.checkpoint import save_checkpoint
         save_checkpoint(self, path)
 
     def load(self, path: str) -> None:
         """Resume from the checkpoint at ``path``; raises CheckpointError (a ValueError) before
         changing anything when it is missing, unreadable, unsafe or from another configuration."""
-        from chunkmem.training.checkpoint import load_checkpoint
         load_checkpoint(self, path)
 
