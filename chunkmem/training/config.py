@@ -103,8 +103,8 @@ PRESETS: dict[str, dict] = {
 # parameters. Times: wall-clock on a 2-core AMD EPYC CPU, one torch thread per process.
 PRESET_NOTES: dict[str, str] = {
     "tiny": ("d_model 32, 2 layers, 2 heads, segment 16, 4 rows x 5 segments, 8 steps; 37,644 params "
-             "(memory model). Smoke test: 60-90 ms per step on one process (measured, this CPU shared "
-             "with other jobs), a whole run with its evaluations and checkpoints in about 15 s wall "
+             "(memory model). Smoke test: 30-90 ms per step on one process (measured on this CPU shared "
+             "with other jobs, depending on their load), a whole run with its evaluations and checkpoints in about 15 s wall "
              "including startup."),
     "cpu-small": ("d_model 64, 2 layers, 2 heads, segment 32, 48 rows x 5 segments, 2000 steps; 132,620 "
                   "params (memory model; 115,980 without memory, 115,968 transformer). About 6.5-8.5 min "
