@@ -4,13 +4,40 @@ from __future__ import annotations
 import csv
 import math
 import re
+import sys
 
 import numpy as np
 import torch
 
 from chunkmem.training.config import TrainConfig
 
-__all__ = ["write_csv", "plot_losses", "device_name", "median_load", "format_table"]
+__all__ = ["write_csv", "plot_losses", "device_name", "median_load", "format_table", "progress_bar"]
+
+
+class _NoBar:
+    """Stands in for a tqdm bar: prints the messages, shows nothing else."""
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def write(self, msg):
+        print(msg)
+
+    def close(self):
+        pass
+
+
+def progress_bar(show: bool, **kw):
+    """A tqdm progress bar (``kw`` are tqdm's), or a silent stand-in when ``show`` is False or
+    tqdm (an optional dependency, the "bench" extra) is not installed; ``write`` prints either way."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(disable=not show, **kw)
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
@@ -28,7 +55,11 @@ def plot_losses(path: str, runs: dict[str, tuple[list[dict], list[dict]]], title
     """Loss-curve PNG: training text bpb (smoothed) and recall loss per step, eval points marked.
 
     runs: name -> (train log rows, eval log rows); chance: recall accuracy of a guess."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # an optional dependency (the "bench" extra)
+        print(f"matplotlib is not installed: {path} not written", file=sys.stderr)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

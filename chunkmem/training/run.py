@@ -15,7 +15,7 @@ from chunkmem.training.config import MODELS, TrainConfig, make_config
 from chunkmem.training.data import stdlib_documents
 from chunkmem.training.distributed import DistContext
 from chunkmem.training.loop import Trainer
-from chunkmem.training.outputs import device_name, format_table, median_load, plot_losses, write_csv
+from chunkmem.training.outputs import device_name, format_table, median_load, plot_losses, progress_bar, write_csv
 
 __all__ = ["default_ckpt_path", "latest_checkpoint", "train_run", "final_eval", "compare"]
 
@@ -43,8 +43,6 @@ def train_run(cfg: TrainConfig, preset: str, resume: bool = True, progress: bool
     """Train up to cfg.steps with periodic evaluation and checkpoints; write the logs and the loss
     PNG. Resumes from ``resume_from`` when given (an error if it cannot be resumed), else from the
     run directory's latest checkpoint when there is one and ``resume``."""
-    from tqdm import tqdm
-
     trainer = Trainer(cfg, ctx=ctx, parallel=parallel, compile=compile)
     ctx = trainer.ctx
     run_dir = cfg.run_dir(preset)
@@ -57,8 +55,8 @@ def train_run(cfg: TrainConfig, preset: str, resume: bool = True, progress: bool
         os.makedirs(run_dir, exist_ok=True)
     val_docs = val_docs if val_docs is not None else stdlib_documents("val", val_fraction=cfg.val_fraction)
     n_params = sum(p.numel() for p in trainer.module.parameters())
-    bar = tqdm(total=cfg.steps, initial=trainer.step_count, desc=f"{cfg.model}",
-               disable=not (progress and ctx.is_main), dynamic_ncols=True, mininterval=2.0)
+    bar = progress_bar(progress and ctx.is_main, total=cfg.steps, initial=trainer.step_count, desc=f"{cfg.model}",
+                       dynamic_ncols=True, mininterval=2.0)
     while trainer.step_count < cfg.steps:
         row = trainer.step()
         bar.update(1)
