@@ -104,9 +104,9 @@ def _worker(rank, port, out_dir):
         result["error"] = traceback.format_exc()
     finally:
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if "error" not in result:  # (after an error the other rank may never reach the barrier)
+            from chunkmem.training.distributed import shutdown
+            shutdown()
 
 
 def _free_port() -> int:
