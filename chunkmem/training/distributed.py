@@ -87,8 +87,8 @@ def shutdown() -> None:
 
     The pause between the barrier and the destruction releases the GIL so that gloo's worker
     threads can free the finished collectives' tensors (which needs the GIL) before the group's
-    destructor, run while holding the GIL, waits for those threads: without it the process hung
-    at exit about one time in three on this machine."""
+    destructor, run while holding the GIL, waits for those threads (pytorch/pytorch#56297): without
+    it the process hung at exit about one time in three on this machine."""
     if not dist.is_initialized():
         return
     dist.barrier()  # no process tears the group down while another still uses it
