@@ -27,12 +27,13 @@ break down when a gate saturates at 1, since log(1 - g) -> -inf).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from chunkmem.reference import apply_rope, fifo_push, rope_cos_sin
+from chunkmem.reference import fifo_push, rope_cos_sin
 
 __all__ = ["hybrid_attention_torch", "gated_memory_update_torch", "gated_scan"]
 
@@ -41,6 +42,65 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     if t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return t.dtype
+
+
+_ROPE_TABLES: OrderedDict = OrderedDict()  # (D, base, dtype, device) -> (cos_full, sin)
+_ROPE_TABLES_KEPT = 4
+
+
+def _rope_tables(start_pos: int, T: int, D: int, base: float, dtype, device):
+    """RoPE tables for positions start_pos .. start_pos + T - 1 as views of a cached table:
+    cos_full (T, D) (the cos table twice, to rotate both halves in one product) and sin (T, D/2),
+    each position's values exactly :func:`chunkmem.reference.rope_cos_sin`'s.
+
+    The cache keeps the last few (D, base, dtype, device) tables (least recently used dropped),
+    each grown to a power of two of positions as calls need, so a decode loop reuses one table.
+    They are built outside inference mode and autograd, so any later call may read them.
+    """
+    key = (D, float(base), dtype, str(device))
+    end = start_pos + T
+    entry = _ROPE_TABLES.get(key)
+    if entry is None or entry[0].shape[0] < end:
+        n = max(1024, 1 << (end - 1).bit_length())
+        with torch.inference_mode(False), torch.no_grad():
+            cos, sin = rope_cos_sin(torch.arange(n, device=device), D, base, dtype)
+            entry = (torch.cat((cos, cos), dim=-1), sin)
+        _ROPE_TABLES[key] = entry
+        while len(_ROPE_TABLES) > _ROPE_TABLES_KEPT:
+            _ROPE_TABLES.popitem(last=False)
+    _ROPE_TABLES.move_to_end(key)
+    return entry[0][start_pos:end], entry[1][start_pos:end]
+
+
+def _rotate(x, cos_full, sin, sign, out=None):
+    """Rotate-half RoPE of x (..., T, D) by ``sign`` * the angles of the tables, into ``out`` or
+    one new contiguous tensor: out = x * cos, then each half gets -+ sin * (the other half) added
+    in place (no other temporary)."""
+    h = x.shape[-1] // 2
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.mul(x, cos_full, out=out)
+    out[..., :h].addcmul_(x[..., h:], sin, value=-sign)
+    out[..., h:].addcmul_(x[..., :h], sin, value=sign)
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    """apply_rope(x, cos, sin) with the tables held as constants (not saved for backward, so
+    tables built under inference mode are fine); the gradient is the inverse rotation."""
+
+    @staticmethod
+    def forward(x, cos_full, sin, sign):
+        return _rotate(x, cos_full, sin, sign)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.tables = inputs[1:]
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos_full, sin, sign = ctx.tables
+        return _Rope.apply(grad, cos_full, sin, -sign), None, None, None
 
 
 def _causal_sdpa(q, k, v, scale):
@@ -106,20 +166,43 @@ def _chunk_attention(q, k, v, chunk_size, scale, start_pos):
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
-def _memory_attention(q, mem_k, mem_v, mem_len, scale):
-    """Attention of q (B, H, Tq, D) over the last mem_len[b] of the S slots of mem_k/mem_v (B, G, S, D).
+def _memory_operands(mem_k, mem_v, mem_len, w_mem, H, fold):
+    """The keys, values and mask of the memory path, for :func:`_memory_attention`.
 
-    Rows with no valid slot give exactly 0 (their mask is opened to keep softmax finite and the
-    result is multiplied by 0, which also zeroes their gradients).
+    mem_k/mem_v (B, G, S, D), w_mem (H,). With ``fold`` the weights go into the (small) slot
+    values (then (B, H, S, D), GQA's slots repeated to H heads), so SDPA's output is already
+    weighted. Rows with no valid slot must give exactly 0: their mask is opened to keep softmax
+    finite, and their folded values (or, without folding, their output) are multiplied by 0, which
+    also zeroes their gradients. When every slot of every row is valid (read on the host for CPU
+    tensors, where that is free) there is no mask, which lets SDPA take its fastest kernel.
+    Returns (mem_k, mem_v, mask or None, has_slot (B, 1, 1, 1) or None).
     """
-    S = mem_k.shape[2]
-    slot = torch.arange(S, device=q.device)
-    valid = slot[None, :] >= (S - mem_len.long())[:, None]  # (B, S)
-    has_slot = mem_len > 0
-    mask = (valid | ~has_slot[:, None])[:, None, None, :]
+    G, S = mem_k.shape[1], mem_k.shape[2]
+    all_valid = mem_len.device.type == "cpu" and bool((mem_len == S).all())
+    has_slot = None if all_valid else (mem_len > 0).to(mem_v.dtype).view(-1, 1, 1, 1)
+    if fold:
+        if G != H:
+            mem_k = mem_k.repeat_interleave(H // G, dim=1)
+            mem_v = mem_v.repeat_interleave(H // G, dim=1)
+        w = w_mem.view(1, H, 1, 1)
+        mem_v = mem_v * (w if has_slot is None else w * has_slot)
+    mask = None
+    if not all_valid:
+        valid = torch.arange(S, device=mem_k.device)[None, :] >= (S - mem_len.long())[:, None]
+        mask = (valid | (mem_len <= 0)[:, None])[:, None, None, :]  # (B, 1, 1, S)
+    return mem_k, mem_v, mask, has_slot
+
+
+def _memory_attention(q, operands, w_mem, scale, fold, out_dtype):
+    """``w_mem[h] *`` the attention of q (B, H, Tq, D) over the memory slots (``operands`` from
+    :func:`_memory_operands`), in out_dtype."""
+    mem_k, mem_v, mask, has_slot = operands
     gqa = q.shape[1] != mem_k.shape[1]
     o = F.scaled_dot_product_attention(q, mem_k, mem_v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return o * has_slot.to(o.dtype).view(-1, 1, 1, 1)
+    if fold:
+        return o
+    o = o.to(out_dtype) * w_mem.view(1, -1, 1, 1)
+    return o if has_slot is None else o * has_slot.to(out_dtype)
 
 
 def hybrid_attention_torch(
@@ -150,32 +233,109 @@ def hybrid_attention_torch(
     return _ranged(q, k, v, mem_k, mem_v, weights, mem_len, start_pos, kv_start, kv_end, run)
 
 
+# Rows of queries per block of the no-gradient CPU forward, as bytes of one (B, H, rows, D) block.
+_BLOCK_BYTES = 1 << 22
+
+
 def _hybrid_dense(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_global, rope_base,
                   start_pos, scale):
-    """Every key valid, one int start_pos for all rows (the v1 layout)."""
+    """Every key valid, one int start_pos for all rows (the v1 layout).
+
+    The paths are summed with one fused multiply-add each (``addcmul``, in place when nothing
+    needs a gradient) onto the memory path's output, which comes out already weighted: no
+    zero-filled accumulator and no separate full-size products. On CPU with nothing to
+    differentiate, the chunk and memory paths run by blocks of query rows instead
+    (:func:`_blocked_chunk_memory`)."""
     H, Tq, D = q.shape[1], q.shape[2], q.shape[3]
     Tk = k.shape[2]
     cdt = _compute_dtype(q)
     qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
     sum_dtype = torch.promote_types(cdt, torch.float32)
-    w = weights.to(sum_dtype).view(1, H, 3, 1, 1)
-    out = torch.zeros(q.shape, dtype=sum_dtype, device=q.device)  # stays 0 if no path is left
-
-    if use_global or chunk_size is not None:
-        qr, kr = qc, kc
-        if rope_base is not None:
-            pos = torch.arange(start_pos, start_pos + Tk, device=q.device)
-            cos, sin = rope_cos_sin(pos, D, rope_base, cdt)
-            qr = apply_rope(qc, cos[Tk - Tq:], sin[Tk - Tq:])
-            kr = apply_rope(kc, cos, sin)
-        if use_global:
-            out = out + w[:, :, 0] * _causal_sdpa(qr, kr, vc, scale)
-        if chunk_size is not None:
-            out = out + w[:, :, 1] * _chunk_attention(qr, kr, vc, chunk_size, scale, start_pos)
+    fold = cdt == sum_dtype
+    w = weights.to(sum_dtype).t().reshape(3, 1, H, 1, 1)
+    mem = None
     if mem_k is not None:
-        o_m = _memory_attention(qc, mem_k.to(cdt), mem_v.to(cdt), mem_len, scale)
-        out = out + w[:, :, 2] * o_m
+        mem = _memory_operands(mem_k.to(cdt), mem_v.to(cdt), mem_len, w[2].view(H), H, fold)
+    tables = None
+    if rope_base is not None and (use_global or chunk_size is not None):
+        tables = _rope_tables(start_pos, Tk, D, rope_base, cdt, q.device)
+    tensors = (q, k, v, weights) + (() if mem_k is None else (mem_k, mem_v))
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    blocked = (q.device.type == "cpu" and not grad and fold and (chunk_size is not None or mem is not None)
+               and q.numel() * q.element_size() > 2 * _BLOCK_BYTES)
+
+    def add(out, o, w_path):
+        if out is None:
+            return o.to(sum_dtype) * w_path
+        if out.requires_grad or o.dtype != out.dtype:
+            return torch.addcmul(out, o, w_path)
+        return out.addcmul_(o, w_path)  # a fresh tensor nothing differentiates through
+
+    out = None
+    if mem is not None and not blocked:
+        out = _memory_attention(qc, mem, w[2].view(H), scale, fold, sum_dtype)
+    if use_global or (chunk_size is not None and not blocked):
+        qr, kr = qc, kc
+        if tables is not None:
+            qr = _Rope.apply(qc, tables[0][Tk - Tq:], tables[1][Tk - Tq:], 1)
+            kr = _Rope.apply(kc, *tables, 1)
+        if use_global:
+            out = add(out, _causal_sdpa(qr, kr, vc, scale), w[0])
+        if chunk_size is not None and not blocked:
+            out = add(out, _chunk_attention(qr, kr, vc, chunk_size, scale, start_pos), w[1])
+    if blocked:
+        out = _blocked_chunk_memory(qc, kc, vc, mem, w, out, tables, chunk_size=chunk_size,
+                                    start_pos=start_pos, scale=scale)
+    if out is None:  # no path left
+        out = torch.zeros(q.shape, dtype=sum_dtype, device=q.device)
     return out.to(q.dtype)
+
+
+def _blocked_chunk_memory(q, k, v, mem, w, out, tables, *, chunk_size, start_pos, scale):
+    """The chunk and memory paths of :func:`_hybrid_dense`, weighted and added into ``out`` (the
+    global path's weighted output, or None: then a new tensor), block by block of query rows.
+
+    No gradient: each block's rotated q/k, chunk and memory outputs are small temporaries, so the
+    allocator hands the same memory back block after block, and only ``out`` is new full-size
+    memory (on CPU a fresh large tensor costs a page fault per page, as much as an attention
+    pass). Blocks end on chunk boundaries; each one's keys start at the chunk of its first query.
+    Each query row gets the same arithmetic as the unblocked paths.
+    """
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    off = Tk - Tq  # query i sits at key index off + i
+    C = chunk_size if chunk_size is not None else 1
+    rows = max(C, _BLOCK_BYTES // (B * H * D * q.element_size()) // C * C)
+    first = (-(start_pos + off)) % C  # the first query on a chunk boundary
+    bounds = sorted({0, Tq} | set(range(first, Tq, rows)))
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if tables is not None:  # rotated blocks land in these two buffers, block after block
+        q_buf = torch.empty(B * H * rows * D, dtype=q.dtype, device=q.device)
+        k_buf = torch.empty(B * k.shape[1] * (rows + C) * D, dtype=q.dtype, device=q.device)
+    for i0, i1 in zip(bounds[:-1], bounds[1:]):
+        dst = out[:, :, i0:i1]
+        o_m = None if mem is None else _memory_attention(q[:, :, i0:i1], mem, w[2], scale, True, q.dtype)
+        if chunk_size is None:
+            dst.add_(o_m) if accumulate else dst.copy_(o_m)
+            continue
+        a0, a1 = off + i0, off + i1
+        j0 = max(0, a0 - (start_pos + a0) % C)  # key index where the first query's chunk starts
+        qb, kb = q[:, :, i0:i1], k[:, :, j0:a1]
+        if tables is not None:
+            qb = _rotate(qb, tables[0][a0:a1], tables[1][a0:a1], 1, q_buf[:qb.numel()].view(qb.shape))
+            kb = _rotate(kb, tables[0][j0:a1], tables[1][j0:a1], 1, k_buf[:kb.numel()].view(kb.shape))
+        o_c = _chunk_attention(qb, kb, v[:, :, j0:a1], C, scale, start_pos + j0)
+        if accumulate:
+            dst.addcmul_(o_c, w[1])
+            if o_m is not None:
+                dst.add_(o_m)
+        elif o_m is not None:
+            torch.addcmul(o_m, o_c, w[1], out=dst)
+        else:
+            torch.mul(o_c, w[1], out=dst)
+    return out
 
 
 def _memory_rows(mem_k, mem_v, mem_len, rows):
