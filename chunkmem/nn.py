@@ -26,6 +26,26 @@ temperature=1.0, top_k=None, top_p=None, generator=None) -> (new_tokens, state)`
   forward of this convention: logits of every position, the unfinished segment kept in the
   cache). A state from ``forward`` counts as a segment boundary.
 - Sampling: :func:`sample_logits` (greedy at temperature 0; top-k, then top-p on what is left).
+
+Learned initial memory (``init_slots=K``, 0 < K <= memory_slots; default 0 = off, the SPEC §3
+math): each layer with memory gets a parameter ``memory_init`` (K, d_model). A row whose memory
+is empty (``mem_len == 0``: nothing written since its document started, as after ``init_state``
+or ``MemoryState.reset``) is read AND written as if its memory were those K slots, right-aligned
+(slots S-K..S-1, the others zero) with ``mem_len = K``:
+
+- memory path: the row attends over the K learned slots (k/v projections, no RoPE, as any slot)
+  instead of contributing 0 (which, with path weights learned on segments that have memory
+  content, shrinks the attention output of a document's first segment);
+- memory write: ``gated_memory_update`` starts from them: ``m_{-1}`` is the learned slot S-1,
+  the FIFO pushes the segment's summaries after the learned slots and ``new_mem_len =
+  min(S, K + n)``; the learned slots fall out of the FIFO as real summaries arrive, as recurrent
+  memory transformers' learned initial memory tokens are overwritten by the first segments.
+
+A state keeps its representation (an empty memory is zeros with mem_len 0, so ``reset``,
+``state_dict`` and checkpoints are unchanged); the substitution happens where a layer reads or
+writes the memory, in ``forward`` and in the cached path of ``generate``/``extend`` alike, so the
+two stay equal. Off by default: with K > 0 the model has new parameters (old checkpoints lack
+``memory_init``) and different math.
 """
 from __future__ import annotations
 
@@ -139,11 +159,14 @@ class HybridAttention(nn.Module):
     this layer's (memory (B, S, d_model), mem_len (B,)) or None (empty memory). The memory keys and
     values are the layer's own k/v projections of the memory states, without RoPE. Path weights
     are a softmax of learned logits over the paths that are on: one set per head
-    (``fusion="head"``) or one per layer (``fusion="scalar"``).
+    (``fusion="head"``) or one per layer (``fusion="scalar"``). ``init_slots=K > 0``: a row with
+    an empty memory reads and writes K learned slots ``memory_init`` (K, d_model) instead (see the
+    module docstring).
     """
 
     def __init__(self, d_model, n_heads, n_kv_heads=None, chunk_size=64, memory_slots=64,
-                 memory_pool=None, use_global=True, rope_base=10000.0, fusion="head", backend="auto"):
+                 memory_pool=None, use_global=True, rope_base=10000.0, fusion="head", backend="auto",
+                 init_slots=0):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         if d_model % n_heads:
@@ -154,6 +177,9 @@ class HybridAttention(nn.Module):
             raise ValueError(f"fusion must be 'head' or 'scalar', got {fusion!r}")
         if memory_slots < 0:
             raise ValueError(f"memory_slots must be >= 0, got {memory_slots}")
+        if isinstance(init_slots, bool) or not isinstance(init_slots, int) or not (
+                0 <= init_slots <= memory_slots):
+            raise ValueError(f"init_slots must be an int in [0, memory_slots={memory_slots}], got {init_slots!r}")
         if not (use_global or chunk_size is not None or memory_slots > 0):
             raise ValueError("at least one path must be on (use_global, chunk_size or memory_slots > 0)")
         self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
@@ -161,6 +187,7 @@ class HybridAttention(nn.Module):
         self.chunk_size, self.memory_slots, self.use_global = chunk_size, memory_slots, use_global
         self.memory_pool = memory_pool or chunk_size or 64
         self.rope_base, self.fusion, self.backend = rope_base, fusion, backend
+        self.init_slots = init_slots
 
         kv_dim = n_kv_heads * self.head_dim
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
@@ -179,6 +206,10 @@ class HybridAttention(nn.Module):
             self.b_gate = nn.Parameter(torch.zeros(d_model))
             self.w_cand = nn.Parameter(torch.empty(d_model, d_model).uniform_(-bound, bound))
             self.b_cand = nn.Parameter(torch.zeros(d_model))
+        if init_slots > 0:
+            # random (identical slots would get identical gradients forever), at the scale of a
+            # written slot (a tanh candidate of LN'd inputs: entries of magnitude ~0.5)
+            self.memory_init = nn.Parameter(torch.randn(init_slots, d_model) * 0.5)
 
     def path_weights(self) -> torch.Tensor:
         """(H, 3) or (3,) softmax of the logits over the paths that are on (0 for paths that are off)."""
@@ -192,6 +223,16 @@ class HybridAttention(nn.Module):
         device = device or self.q_proj.weight.device
         return (torch.zeros(batch_size, self.memory_slots, self.d_model, device=device, dtype=dtype),
                 torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    def fill_empty(self, memory, mem_len):
+        """(memory, mem_len) as the layer reads and writes them: with ``init_slots`` = K > 0, rows
+        with mem_len 0 get the learned slots right-aligned and mem_len K; otherwise unchanged."""
+        if self.init_slots == 0:
+            return memory, mem_len
+        empty = mem_len == 0
+        init = F.pad(self.memory_init.to(memory.dtype), (0, 0, self.memory_slots - self.init_slots, 0))
+        memory = torch.where(empty[:, None, None], init, memory)
+        return memory, torch.where(empty, torch.full_like(mem_len, self.init_slots), mem_len)
 
     def _heads(self, x, n):  # (B, T, n*Dh) -> (B, n, T, Dh)
         B, T, _ = x.shape
@@ -230,6 +271,7 @@ class HybridAttention(nn.Module):
             if memory.shape != (B, self.memory_slots, self.d_model):
                 raise ValueError(f"memory state must have shape (B, S, d) = ({B}, {self.memory_slots}, "
                                  f"{self.d_model}), got {tuple(memory.shape)}")
+            memory, mem_len = self.fill_empty(memory, mem_len)
             mem_k, mem_v = self._memory_kv(memory, x.dtype)
         y = self._attend(q, k, v, mem_k, mem_v, mem_len)
         if self.memory_slots == 0:
@@ -255,13 +297,15 @@ class HybridAttention(nn.Module):
             lo = p
         end = p + n
         return self._attend(q, cache.k[:, :, lo:end], cache.v[:, :, lo:end], cache.mem_k, cache.mem_v,
-                            cache.mem_len, start_pos=lo)
+                            cache.read_len, start_pos=lo)
 
 
 class _LayerCache:
     """One layer's working buffers while :meth:`ChunkMemLM.generate` runs (mutable; a returned
     :class:`MemoryState` holds views of them, which nothing writes afterwards): k/v/x of the
-    current segment preallocated to ``segment_len`` tokens, the memory, and its projected k/v."""
+    current segment preallocated to ``segment_len`` tokens, the memory as the state carries it
+    (``memory``, ``mem_len``), and the projected k/v and slot count of the memory the layer reads
+    (``fill_empty``: the learned initial slots in an empty row)."""
 
     def __init__(self, attn: HybridAttention, layer_state, cached, batch_size, capacity, device, dtype):
         self.attn = attn
@@ -274,13 +318,14 @@ class _LayerCache:
             self.x = torch.empty(batch_size, capacity, attn.d_model, device=device, dtype=dtype)
             self._set_memory(*(layer_state if layer_state is not None else attn.init_state(batch_size, device, dtype)))
         else:
-            self.memory = self.mem_len = self.mem_k = self.mem_v = None
+            self.memory = self.mem_len = self.mem_k = self.mem_v = self.read_len = None
         if cached is not None:
             self.append(*cached)
 
     def _set_memory(self, memory, mem_len):
         self.memory, self.mem_len = memory, mem_len
-        self.mem_k, self.mem_v = self.attn._memory_kv(memory, self.k.dtype)
+        read, self.read_len = self.attn.fill_empty(memory, mem_len)
+        self.mem_k, self.mem_v = self.attn._memory_kv(read, self.k.dtype)
 
     def append(self, k, v, x):
         p, n = self.length, k.shape[2]
@@ -293,7 +338,8 @@ class _LayerCache:
     def write_memory(self):
         """End of segment: write the cached segment into the memory, empty the cache."""
         if self.memory is not None:
-            self._set_memory(*self.attn._write_memory(self.memory, self.mem_len, self.x[:, :self.length]))
+            memory, mem_len = self.attn.fill_empty(self.memory, self.mem_len)
+            self._set_memory(*self.attn._write_memory(memory, mem_len, self.x[:, :self.length]))
         self.length = 0
 
     def layer_state(self):
@@ -339,7 +385,7 @@ class ChunkMemLM(nn.Module):
     from one segment to the next; ``detach_every=k`` cuts the memory's autograd graph every k
     segments (truncated backprop through time; None keeps the whole graph). Attention keyword
     arguments (n_kv_heads, chunk_size, memory_slots, memory_pool, use_global, rope_base, fusion,
-    backend) are passed to every :class:`HybridAttention`; :meth:`set_backend` changes the backend
+    backend, init_slots) are passed to every :class:`HybridAttention`; :meth:`set_backend` changes the backend
     later. :meth:`generate` samples with a KV cache of the current segment (see the module
     docstring); :meth:`extend` is the forward pass of that cached convention.
     """

@@ -25,6 +25,8 @@ CONFIGS = {
     "chunk": dict(use_global=False, memory_slots=0),
     "memory-only": dict(use_global=False, chunk_size=None),
     "global+memory": dict(chunk_size=None),
+    "global+chunk+memory, learned initial memory": dict(init_slots=2),
+    "chunk+memory, learned initial memory": dict(use_global=False, init_slots=3),
 }
 
 
@@ -68,7 +70,7 @@ def test_each_cached_step_equals_forward_from_empty_state(name):
         torch.testing.assert_close(state.next_logits, logits[:, -1], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["global+chunk+memory", "chunk+memory"])
+@pytest.mark.parametrize("name", ["global+chunk+memory", "chunk+memory", "chunk+memory, learned initial memory"])
 def test_extend_by_pieces_equals_forward(name):
     model, seq = tiny_lm(**CONFIGS[name]), tokens(T=30)
     expected, _ = model(seq)

@@ -139,3 +139,82 @@ def test_bad_module_arguments():
         HybridAttention(32, 4, fusion="mean")
     with pytest.raises(ValueError, match="path"):
         HybridAttention(32, 4, chunk_size=None, memory_slots=0, use_global=False)
+
+
+# ------------------------------------------------------------------ learned initial memory
+
+def _learned_state(model, B):
+    """The state an empty memory stands for with init_slots=K: each layer's K learned slots
+    right-aligned (the other slots zero), mem_len K."""
+    layers = []
+    for block in model.blocks:
+        a = block.attn
+        mem = torch.zeros(B, a.memory_slots, a.d_model)
+        mem[:, a.memory_slots - a.init_slots:] = a.memory_init.detach()
+        layers.append((mem, torch.full((B,), a.init_slots, dtype=torch.long)))
+    return MemoryState(layers)
+
+
+def test_empty_state_reads_and_writes_the_learned_initial_slots():
+    model, tok = small_lm(init_slots=3), tokens()
+    assert model.blocks[0].attn.memory_init.shape == (3, 32)
+    with torch.no_grad():
+        from_empty, empty_end = model(tok)  # None: the empty state of init_state
+        explicit, explicit_end = model(tok, _learned_state(model, 2))
+        plain = small_lm()  # the same weights without the learned slots
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if "memory_init" not in k})
+        from_zeros, _ = plain(tok)
+    torch.testing.assert_close(from_empty, explicit, atol=0, rtol=0)
+    for (m1, l1), (m2, l2) in zip(empty_end.layers, explicit_end.layers):
+        torch.testing.assert_close(m1, m2, atol=0, rtol=0)
+        assert torch.equal(l1, l2)
+    # the first segment differs from the model without learned slots: the memory path reads them
+    assert (from_empty[:, :16] - from_zeros[:, :16]).abs().max() > 1e-3
+    # 16 tokens / pool 4 = 4 summaries pushed after the 3 learned slots, S = 4
+    _, s1 = model(tok[:, :16])
+    assert [int(x) for x in s1.layers[0][1]] == [4, 4]
+    # reset empties a row: it reads the learned slots again, the other row keeps its memory
+    with torch.no_grad():
+        after_reset, _ = model(tok[:, 16:], s1.reset(torch.tensor([True, False])))
+        fresh, _ = model(tok[:, 16:])
+        carried, _ = model(tok[:, 16:], s1)
+    torch.testing.assert_close(after_reset[0], fresh[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(after_reset[1], carried[1], atol=1e-6, rtol=1e-6)
+
+
+def test_learned_initial_slots_get_gradients_only_from_empty_rows():
+    model, tok = small_lm(init_slots=2), tokens()
+    _, state = model(tok[:, :16])
+    state = state.detach().reset(torch.tensor([True, False]))
+    logits, _ = model(tok[:, 16:], state)
+    logits[0].sum().backward()
+    assert model.blocks[0].attn.memory_init.grad.abs().sum() > 0
+    model.zero_grad()
+    logits, _ = model(tok[:, 16:], state)
+    logits[1].sum().backward()  # row 1 has memory: the learned slots are not read
+    assert model.blocks[0].attn.memory_init.grad is None or model.blocks[0].attn.memory_init.grad.abs().sum() == 0
+
+
+def test_learned_initial_memory_state_dict_round_trip(tmp_path):
+    model, tok = small_lm(init_slots=4), tokens()
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    sd = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert {f"blocks.{i}.attn.memory_init" for i in range(2)} <= set(sd)
+    model2 = small_lm(init_slots=4)
+    with torch.no_grad():
+        for p in model2.parameters():
+            p.add_(1.0)
+    model2.load_state_dict(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(model2(tok)[0], model(tok)[0], atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="memory_init"):
+        small_lm().load_state_dict(sd)  # a model without learned slots refuses these weights
+
+
+def test_bad_init_slots():
+    with pytest.raises(ValueError, match="init_slots"):
+        HybridAttention(32, 4, memory_slots=4, init_slots=5)
+    with pytest.raises(ValueError, match="init_slots"):
+        HybridAttention(32, 4, memory_slots=0, init_slots=1)
+    with pytest.raises(ValueError, match="init_slots"):
+        HybridAttention(32, 4, memory_slots=4, init_slots=True)
