@@ -124,7 +124,7 @@ def test_command_writes_tables_and_heatmaps(tmp_path):
     out = str(tmp_path / "lr")
     args = parser.parse_args(["eval-longrange", "--ckpt", f"memory={mem}", "--ckpt", f"transformer={tr}",
                               "--distances", "1,2", "--pairs", "1,2", "--passkey-docs", "3", "--mqar-docs", "2",
-                              "--file-starts", "3", "--start-segments", "2", "--out", out])
+                              "--file-starts", "3", "--start-segments", "2", "--prime", "--out", out])
     assert lr.main(args) == 0
     res = json.load(open(out + ".json"))
     assert set(res["models"]) == {"memory", "transformer"}
@@ -132,6 +132,8 @@ def test_command_writes_tables_and_heatmaps(tmp_path):
     assert set(r["passkey"]["text"]) == {"1", "2"} and set(r["mqar"]["recall"]) == {"1x1", "1x2", "2x1", "2x2"}
     assert r["fifo_segments"] == CFG.memory_slots * CFG.memory_pool / CFG.segment_len
     assert r["file_starts"]["site-packages"]["files"] == 3
+    assert {"site-packages+prime-text", "stdlib-val+prime-recall"} <= set(r["file_starts"])
+    assert set(res["models"]["transformer"]["file_starts"]) == {"site-packages", "stdlib-val"}
     md = open(out + ".md").read()
     assert "Passkey, text filler" in md and "MQAR, recall filler" in md and "site-packages" in md
     assert open(out + ".png", "rb").read(4) == b"\x89PNG"

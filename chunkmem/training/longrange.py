@@ -262,6 +262,19 @@ def file_start_bpb(model, docs, cfg: TrainConfig, n_segments: int = 4, batch: in
             "recall_mass": [float(a / max(c, 1)) for a, c in zip(mass, counts)]}
 
 
+def _primes(cfg: TrainConfig, seed: int) -> dict:
+    """One segment to read before a file start: stdlib training text (from the middle of a file),
+    and segment 0 of a recall document (its pairs)."""
+    from chunkmem.training.data import recall_document
+    L = cfg.segment_len
+    train = [d for d in stdlib_documents("train", val_fraction=cfg.val_fraction) if len(d) > 8 * L]
+    doc = train[int(_seeded(seed, 3).integers(len(train)))]
+    mid = len(doc) // 2
+    text = doc.tokens[mid:mid + L]
+    recall = recall_document(cfg.recall_spec(), _seeded(seed, 4)).tokens[:L]
+    return {"+prime-text": torch.from_numpy(text)[None], "+prime-recall": torch.from_numpy(recall)[None]}
+
+
 # ------------------------------------------------------------------------------- command line
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -282,6 +295,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also bpb over the first --start-segments segments of this many site-packages files "
                         "and of every held-out stdlib file (0: skip)")
     p.add_argument("--start-segments", type=int, default=4)
+    p.add_argument("--prime", action="store_true",
+                   help="with --file-starts, memory models also read the file starts after their memory was "
+                        "filled by one segment of stdlib training text ('+prime-text') or by the first segment "
+                        "of a recall document ('+prime-recall') instead of starting empty")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of the generated documents")
     p.add_argument("--threads", type=int, default=1)
@@ -322,9 +339,13 @@ def main(args) -> int:
                 model, cfg, filler, distances, args.passkey_docs, args.seed, args.batch).items()}
             r["mqar"][kind] = {f"{n}x{d}": a for (n, d), a in evaluate_mqar(
                 model, cfg, filler, pairs, distances, args.mqar_docs, args.seed, args.batch).items()}
+        primes = {"": None}
+        if args.prime and cfg.model == "memory":
+            primes.update(_primes(cfg, args.seed))
         for src, docs in starts.items():
-            r["file_starts"][src] = dict(file_start_bpb(model, docs, cfg, args.start_segments, args.batch),
-                                         files=len(docs))
+            for label, prime in primes.items():
+                r["file_starts"][src + label] = dict(
+                    file_start_bpb(model, docs, cfg, args.start_segments, args.batch, prime=prime), files=len(docs))
         r["seconds"] = time.perf_counter() - t0
         results["models"][name] = r
         print(f"{name}: {r['seconds']:.0f} s", flush=True)
