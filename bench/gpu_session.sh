@@ -57,6 +57,7 @@ step bench 170 $PY -m bench --device "$DEVICE" --D 128 --seq-lens "$SEQ_LENS" \
     --impls "$IMPLS" --model-impls '' --no-progress \
     --out "bench/results/$RESULTS"
 step bench_memory_update 60 $PY -m bench.bench_memory_update --device "$DEVICE" \
-    --dtypes float32,bfloat16 --T "$MEM_T" --d 1024 --impls torch,triton
+    --dtypes float32,bfloat16 --T "$MEM_T" --d 1024 --impls torch,triton \
+    --out "bench/results/$RESULTS"
 tar czf "$OUT/results.tar.gz" "bench/results/$RESULTS" 2>>"$OUT/env.log"
 ls -l "$OUT"

@@ -121,7 +121,7 @@ def compare(preset: str, overrides: dict, out: str | None, progress: bool = True
     if not ctx.is_main:
         return results
     table = format_table(results, base)
-    out = out or os.path.join("bench", "results", device_name(device))
+    out = out or os.path.join("bench", "out", device_name(device))
     os.makedirs(out, exist_ok=True)
     cfg_d = dataclasses.asdict(base)
     cfg_d.pop("model")
