@@ -103,14 +103,63 @@ class _Rope(torch.autograd.Function):
         return _Rope.apply(grad, cos_full, sin, -sign), None, None, None
 
 
+def _sdpa(q, k, v, scale, **kw):
+    """``F.scaled_dot_product_attention`` of q (N, H, Tq, D) and k/v (N, G, Tk, D), with the heads
+    folded into the batch dimension when that is a free view (G == H, (N, H) mergeable in each).
+
+    On CPU the SDPA kernels lay their output out as (N, Tq, H, D) and return it transposed, so a
+    later reshape of the heads (the chunk fold below) or a sum with a (N, H, Tq, D) tensor would
+    copy; with one head per batch entry that layout is the contiguous (N, H, Tq, D) one, and the
+    gradients come back contiguous too. A mask is given as (N or 1, 1, Tq or 1, Tk)."""
+    N, H = q.shape[:2]
+    mask = kw.pop("attn_mask", None)
+    if k.shape[1] != H:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True, **kw)
+    mergeable = all(x.shape[0] == 1 or x.stride(0) == x.shape[1] * x.stride(1) for x in (q, k, v))
+    if not mergeable or (mask is not None and type(mask) is not torch.Tensor):  # e.g. a CausalBias
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kw)
+    if mask is not None:
+        mask = mask.expand(N, H, *mask.shape[2:]).reshape(N * H, 1, *mask.shape[2:])
+
+    def flat(x):
+        return x.reshape(N * H, 1, *x.shape[2:])
+    o = F.scaled_dot_product_attention(flat(q), flat(k), flat(v), attn_mask=mask, scale=scale, **kw)
+    return o.view(q.shape[:3] + v.shape[3:])
+
+
+class _WeightedAdd(torch.autograd.Function):
+    """base + o * w for o (B, H, T, D) and per-head weights w (1, H, 1, 1): ``addcmul`` whose
+    backward takes w's gradient as per-head dot products (batched matrix products) instead of
+    autograd's full-size g * o temporary, and passes base's gradient through as is."""
+
+    @staticmethod
+    def forward(base, o, w):
+        return torch.addcmul(base, o, w)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1], inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad):
+        o, w = ctx.saved_tensors
+        d_o = grad * w if ctx.needs_input_grad[1] else None
+        d_w = None
+        if ctx.needs_input_grad[2]:
+            H = o.shape[1]
+            d_w = torch.zeros(H, 1, 1, dtype=w.dtype, device=w.device)
+            for b in range(o.shape[0]):
+                d_w = d_w + torch.bmm(grad[b].reshape(H, 1, -1), o[b].reshape(H, -1, 1))
+            d_w = d_w.view(w.shape)
+        return grad, d_o, d_w
+
+
 def _causal_sdpa(q, k, v, scale):
     """Causal SDPA with bottom-right alignment; q (N, H, Tq, D), k/v (N, G, Tk, D), Tq <= Tk."""
     Tq, Tk = q.shape[-2], k.shape[-2]
-    gqa = q.shape[1] != k.shape[1]
     if Tq == Tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    mask = causal_lower_right(Tq, Tk)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        return _sdpa(q, k, v, scale, is_causal=True)
+    return _sdpa(q, k, v, scale, attn_mask=causal_lower_right(Tq, Tk))
 
 
 def _aligned_chunk_attention(q, k, v, chunk_size, scale):
@@ -140,8 +189,8 @@ def _aligned_chunk_attention(q, k, v, chunk_size, scale):
     if tail:
         k, v = F.pad(k, (0, 0, 0, tail)), F.pad(v, (0, 0, 0, tail))
 
-    def fold(x):  # (B, H, n*C, D) -> (B, H*n, C, D)
-        return x.reshape(B, H * n_chunks, C, D)
+    def fold(x):  # (B, H, n*C, D) -> (B*H*n, 1, C, D): a view, and SDPA's output layout is free
+        return x.reshape(B * H * n_chunks, 1, C, D)
 
     o = _causal_sdpa(fold(q), fold(k), fold(v), scale)
     return o.reshape(B, H, n_chunks * C, D)[:, :, lead: lead + Tq]
@@ -197,8 +246,7 @@ def _memory_attention(q, operands, w_mem, scale, fold, out_dtype):
     """``w_mem[h] *`` the attention of q (B, H, Tq, D) over the memory slots (``operands`` from
     :func:`_memory_operands`), in out_dtype."""
     mem_k, mem_v, mask, has_slot = operands
-    gqa = q.shape[1] != mem_k.shape[1]
-    o = F.scaled_dot_product_attention(q, mem_k, mem_v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    o = _sdpa(q, mem_k, mem_v, scale, attn_mask=mask)
     if fold:
         return o
     o = o.to(out_dtype) * w_mem.view(1, -1, 1, 1)
@@ -233,8 +281,10 @@ def hybrid_attention_torch(
     return _ranged(q, k, v, mem_k, mem_v, weights, mem_len, start_pos, kv_start, kv_end, run)
 
 
-# Rows of queries per block of the no-gradient CPU forward, as bytes of one (B, H, rows, D) block.
-_BLOCK_BYTES = 1 << 22
+# Tiles of the no-gradient single-thread CPU forward (:func:`_blocked_chunk_memory`): bytes of
+# queries per tile, and at most this many tiles (larger tiles past that).
+_BLOCK_BYTES = 1 << 23
+_MAX_TILES = 4
 
 
 def _hybrid_dense(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_global, rope_base,
@@ -243,9 +293,14 @@ def _hybrid_dense(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_gl
 
     The paths are summed with one fused multiply-add each (``addcmul``, in place when nothing
     needs a gradient) onto the memory path's output, which comes out already weighted: no
-    zero-filled accumulator and no separate full-size products. On CPU with nothing to
-    differentiate, the chunk and memory paths run by blocks of query rows instead
-    (:func:`_blocked_chunk_memory`)."""
+    zero-filled accumulator and no separate full-size products. On CPU with one intra-op thread
+    and nothing to differentiate, the chunk and memory paths run by tiles instead
+    (:func:`_blocked_chunk_memory`): only the output is new full-size memory. With several threads
+    every op of a tile is a parallel region whose threads must all be scheduled before it ends;
+    on a busy machine (this project's 2-core CPU at load ~5-10) the tiles' extra regions cost more
+    than the page faults they save (16k tokens, H=8: 1.16x FlexAttention's chunk-only forward
+    with tiles against 1.55x without, one thread; 2.0x best / 3.2x median with against 1.85x
+    without, two threads), so there the paths run whole."""
     H, Tq, D = q.shape[1], q.shape[2], q.shape[3]
     Tk = k.shape[2]
     cdt = _compute_dtype(q)
@@ -261,14 +316,17 @@ def _hybrid_dense(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_gl
         tables = _rope_tables(start_pos, Tk, D, rope_base, cdt, q.device)
     tensors = (q, k, v, weights) + (() if mem_k is None else (mem_k, mem_v))
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    blocked = (q.device.type == "cpu" and not grad and fold and (chunk_size is not None or mem is not None)
-               and q.numel() * q.element_size() > 2 * _BLOCK_BYTES)
+    blocked = (q.device.type == "cpu" and not grad and fold and torch.get_num_threads() == 1
+               and (chunk_size is not None or mem is not None)
+               and q.numel() * q.element_size() > _BLOCK_BYTES)
 
     def add(out, o, w_path):
         if out is None:
             return o.to(sum_dtype) * w_path
-        if out.requires_grad or o.dtype != out.dtype:
+        if o.dtype != out.dtype:
             return torch.addcmul(out, o, w_path)
+        if out.requires_grad or o.requires_grad or w_path.requires_grad:
+            return _WeightedAdd.apply(out, o, w_path)
         return out.addcmul_(o, w_path)  # a fresh tensor nothing differentiates through
 
     out = None
@@ -293,48 +351,66 @@ def _hybrid_dense(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_gl
 
 def _blocked_chunk_memory(q, k, v, mem, w, out, tables, *, chunk_size, start_pos, scale):
     """The chunk and memory paths of :func:`_hybrid_dense`, weighted and added into ``out`` (the
-    global path's weighted output, or None: then a new tensor), block by block of query rows.
+    global path's weighted output, or None: then a new tensor), tile by tile.
 
-    No gradient: each block's rotated q/k, chunk and memory outputs are small temporaries, so the
-    allocator hands the same memory back block after block, and only ``out`` is new full-size
-    memory (on CPU a fresh large tensor costs a page fault per page, as much as an attention
-    pass). Blocks end on chunk boundaries; each one's keys start at the chunk of its first query.
-    Each query row gets the same arithmetic as the unblocked paths.
+    No gradient: each tile's rotated q/k, chunk and memory outputs are small temporaries, so the
+    allocator hands the same memory back tile after tile, and only ``out`` is new full-size memory
+    (on CPU a fresh large tensor costs a page fault per page, as much as an attention pass). A
+    tile is one batch row, a group of kv heads (with their query heads) and a range of query rows
+    that ends on a chunk boundary, about ``_BLOCK_BYTES`` of queries: whole sequences of several
+    heads when they fit, else row ranges of one kv group. Each is a contiguous slice of the
+    (B, H, T, D) inputs whenever the whole sequence or one head is taken, so the chunk fold stays
+    a view; each tile's keys start at the chunk of its first query. Every query row gets the
+    same arithmetic as in the unblocked paths.
     """
     B, H, Tq, D = q.shape
-    Tk = k.shape[2]
+    G, Tk = k.shape[1], k.shape[2]
+    r = H // G
     off = Tk - Tq  # query i sits at key index off + i
     C = chunk_size if chunk_size is not None else 1
-    rows = max(C, _BLOCK_BYTES // (B * H * D * q.element_size()) // C * C)
+    group_bytes = r * D * q.element_size()  # one query row of one kv group
+    tile = max(_BLOCK_BYTES, B * G * Tq * group_bytes // _MAX_TILES)
+    if Tq * group_bytes <= tile:
+        gb, rows = max(1, tile // (Tq * group_bytes)), Tq
+    else:
+        gb, rows = 1, max(C, tile // group_bytes // C * C)
     first = (-(start_pos + off)) % C  # the first query on a chunk boundary
-    bounds = sorted({0, Tq} | set(range(first, Tq, rows)))
+    bounds = [0, Tq] if rows >= Tq else sorted({0, Tq} | set(range(first, Tq, rows)))
     accumulate = out is not None
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if tables is not None:  # rotated blocks land in these two buffers, block after block
-        q_buf = torch.empty(B * H * rows * D, dtype=q.dtype, device=q.device)
-        k_buf = torch.empty(B * k.shape[1] * (rows + C) * D, dtype=q.dtype, device=q.device)
-    for i0, i1 in zip(bounds[:-1], bounds[1:]):
-        dst = out[:, :, i0:i1]
-        o_m = None if mem is None else _memory_attention(q[:, :, i0:i1], mem, w[2], scale, True, q.dtype)
-        if chunk_size is None:
-            dst.add_(o_m) if accumulate else dst.copy_(o_m)
-            continue
-        a0, a1 = off + i0, off + i1
-        j0 = max(0, a0 - (start_pos + a0) % C)  # key index where the first query's chunk starts
-        qb, kb = q[:, :, i0:i1], k[:, :, j0:a1]
-        if tables is not None:
-            qb = _rotate(qb, tables[0][a0:a1], tables[1][a0:a1], 1, q_buf[:qb.numel()].view(qb.shape))
-            kb = _rotate(kb, tables[0][j0:a1], tables[1][j0:a1], 1, k_buf[:kb.numel()].view(kb.shape))
-        o_c = _chunk_attention(qb, kb, v[:, :, j0:a1], C, scale, start_pos + j0)
-        if accumulate:
-            dst.addcmul_(o_c, w[1])
-            if o_m is not None:
-                dst.add_(o_m)
-        elif o_m is not None:
-            torch.addcmul(o_m, o_c, w[1], out=dst)
-        else:
-            torch.mul(o_c, w[1], out=dst)
+    if tables is not None:  # rotated tiles land in these two buffers, tile after tile
+        q_buf = torch.empty(gb * r * rows * D, dtype=q.dtype, device=q.device)
+        k_buf = torch.empty(gb * min(Tk, rows + C) * D, dtype=q.dtype, device=q.device)
+    for b in range(B):
+        for g0 in range(0, G, gb):
+            g1 = min(G, g0 + gb)
+            heads, kv = slice(g0 * r, g1 * r), slice(g0, g1)
+            w_c = w[1][:, heads]
+            mem_b = None if mem is None else (mem[0][b:b + 1, heads], mem[1][b:b + 1, heads],
+                                               None if mem[2] is None else mem[2][b:b + 1], None)
+            for i0, i1 in zip(bounds[:-1], bounds[1:]):
+                dst = out[b:b + 1, heads, i0:i1]
+                qb = q[b:b + 1, heads, i0:i1]
+                o_m = None if mem is None else _memory_attention(qb, mem_b, None, scale, True, q.dtype)
+                if chunk_size is None:
+                    dst.add_(o_m) if accumulate else dst.copy_(o_m)
+                    continue
+                a0, a1 = off + i0, off + i1
+                j0 = max(0, a0 - (start_pos + a0) % C)  # key index where the first query's chunk starts
+                kb = k[b:b + 1, kv, j0:a1]
+                if tables is not None:
+                    qb = _rotate(qb, tables[0][a0:a1], tables[1][a0:a1], 1, q_buf[:qb.numel()].view(qb.shape))
+                    kb = _rotate(kb, tables[0][j0:a1], tables[1][j0:a1], 1, k_buf[:kb.numel()].view(kb.shape))
+                o_c = _chunk_attention(qb, kb, v[b:b + 1, kv, j0:a1], C, scale, start_pos + j0)
+                if accumulate:
+                    dst.addcmul_(o_c, w_c)
+                    if o_m is not None:
+                        dst.add_(o_m)
+                elif o_m is not None:
+                    torch.addcmul(o_m, o_c, w_c, out=dst)
+                else:
+                    torch.mul(o_c, w_c, out=dst)
     return out
 
 

@@ -6,7 +6,7 @@ replace and the float64 reference:
   its gradient is the inverse rotation (gradcheck);
 - the memory path without a mask (every slot valid) equals the masked path with an all-True mask,
   and folding the weights into the slot values equals weighting the output;
-- the no-gradient CPU forward by blocks of query rows equals the reference (and the unblocked
+- the no-gradient CPU forward by tiles (batch row, kv heads, query rows) equals the reference (and the unblocked
   forward) over the layouts that move block boundaries around: Tq < Tk, start_pos off a chunk
   boundary, GQA, rows without memory, the global path on, a chunk longer than the sequence.
 
@@ -102,31 +102,48 @@ BLOCK_CASES = {
 }
 
 
+@pytest.fixture
+def one_thread():
+    """The tiled forward runs with one intra-op thread only."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case_id", list(BLOCK_CASES))
-def test_blocked_forward_matches_reference(monkeypatch, case_id, dtype):
+def test_blocked_forward_matches_reference(monkeypatch, one_thread, case_id, dtype):
     case = BLOCK_CASES[case_id]
     t = make_attn_inputs(case, dtype=dtype, seed=3)
+    elt = t["q"].element_size()
+    tiles = [  # (_BLOCK_BYTES, _MAX_TILES, what a tile is)
+        (1, 10**9, "one chunk of rows of one kv group"),
+        (case.Tq * case.H // case.G * case.D * elt * 5 // 2, 10**9, "whole sequences of two kv groups"),
+        (case.H // case.G * case.D * elt * 40, 10**9, "row ranges (or whole sequences) of one kv group"),
+        (1, 3, "a third of the queries (the cap on the number of tiles)"),
+    ]
     with torch.no_grad():
-        whole = call_hybrid(case, t, "torch")  # one block: the unblocked forward
-        monkeypatch.setattr(tb, "_BLOCK_BYTES", 1)  # blocks of one chunk (the smallest)
-        one_chunk = call_hybrid(case, t, "torch")
-        monkeypatch.setattr(tb, "_BLOCK_BYTES", case.B * case.H * case.D * t["q"].element_size() * 40)
-        several = call_hybrid(case, t, "torch")
+        whole = call_hybrid(case, t, "torch")  # no tiles (small tensors): the unblocked forward
+        got = {}
+        for size, most, what in tiles:
+            monkeypatch.setattr(tb, "_BLOCK_BYTES", size)
+            monkeypatch.setattr(tb, "_MAX_TILES", most)
+            got[what] = call_hybrid(case, t, "torch")
     expected = reference_fp64(case, t).to(dtype)
-    for got in (whole, one_chunk, several):
-        assert_close_tol(got, expected, OUT_TOL[dtype], case_id)
+    assert_close_tol(whole, expected, OUT_TOL[dtype], case_id)
     atol = 1e-6 if dtype == torch.float32 else 1e-13
-    torch.testing.assert_close(one_chunk, whole, atol=atol, rtol=0)
-    torch.testing.assert_close(several, whole, atol=atol, rtol=0)
+    for what, out in got.items():
+        assert_close_tol(out, expected, OUT_TOL[dtype], f"{case_id}, tiles: {what}")
+        torch.testing.assert_close(out, whole, atol=atol, rtol=0, msg=f"{case_id}, tiles: {what}")
 
-
-def test_blocked_forward_only_without_gradients(monkeypatch):
+def test_blocked_forward_only_without_gradients(monkeypatch, one_thread):
     """With a tensor that needs a gradient the forward is the unblocked one (same values), and the
     gradients flow."""
     case = BLOCK_CASES["rope_mem_offsets_gqa"]
     t = make_attn_inputs(case, seed=4)
     monkeypatch.setattr(tb, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(tb, "_MAX_TILES", 10**9)
     with torch.no_grad():
         blocked = call_hybrid(case, t, "torch")
     k = t["k"].clone().requires_grad_()
