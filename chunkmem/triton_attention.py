@@ -40,10 +40,10 @@ Unsupported (-> torch backend): head dims other than 32/64/128/256, the backward
 on a GPU (no spill-free configuration), bf16 in the interpreter, pre-sm_80 GPUs, rows (B, or
 N documents) or H above 65535 (CUDA grid axes), T * D >= 2**31; with an int start_pos and
 neither kv ranges nor documents, positions start_pos + Tk outside int32 (the v1 code path
-computes positions in int32); with kv ranges, documents or a start_pos tensor, a chunk_size of
-2**31 or more. Positions: the ranged and packed code computes them in int64 from the int64
-start positions, so a start_pos tensor needs no check (which would cost a device sync); RoPE's
-fixed-point angles then stay within pos * 2**-49 turns of exact (see the kernels' _rope).
+computes positions in int32). The ranged and packed code needs no such check (which, for a
+start_pos tensor, would cost a device sync): RoPE depends on relative positions only, so the
+kernels rotate at each row's key indices, and the start positions enter only through each
+row's chunk phase, computed here on the device in int64.
 
 Activation memory saved for the backward, beyond the inputs and the output: LSE (B, H, 3, Tq)
 fp32 (log2 units), 12 bytes per query row and head, O(B*H*Tq) as SPEC §1 asks. The per-path
@@ -112,11 +112,13 @@ _GPU_CONFIGS = {
 # 64 keys in the dk/dv and dmem kernels, which then run key-major (KEY_MAJOR: every dot of
 # their loop has the key block as its M dimension). Checked like the entries above (the compile
 # check also counts wgmma instructions); not timed. Where no 64-row tile fits (the forward at
-# D = 256) sm_90 uses the entry above. dk/dv at D = 128 fits because
+# D = 256) sm_90 keeps the 16 x 32 tile, with 3 stages: with 1 (the sm_80 entry) the bf16
+# kernel spills 8 bytes on sm_90 under Triton 3.6 (16 x 16 / 4 warps fits there but spills
+# under 3.9; swept 2-16 warps, 16-64 keys, 1-3 stages). dk/dv at D = 128 fits because
 # its loop is one flat loop over (query head, query block) (the kernels' _bwd_kv_loop); 32
 # queries there still spill 8 bytes under Triton 3.6, hence 16 x 64.
 _SM90_CONFIGS = {
-    ("fwd", 2): {128: (64, 32, 8, 2)},
+    ("fwd", 2): {128: (64, 32, 8, 2), 256: (16, 32, 8, 3)},
     ("bwd_preprocess", 2): {128: (64, 32, 8, 2)},
     ("bwd_dq", 2): {64: (64, 32, 8, 2), 128: (64, 32, 8, 2)},
     ("bwd_dkdv", 2): {32: (32, 64, 4, 2), 64: (32, 64, 8, 1), 128: (16, 64, 8, 2)},
@@ -189,11 +191,8 @@ def unsupported_reason(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, u
     packed = cu_seqlens_q is not None
     rows = cu_seqlens_q.shape[0] - 1 if packed else q.shape[0]
     if max(rows, q.shape[1]) > 65535:
-        return "B (or the number of documents) or H > 65535 exceeds the CUDA grid's second or third axis"
-    if _wide(start_pos, kv_start, cu_seqlens_q):
-        if chunk_size is not None and chunk_size >= 2 ** 31:
-            return "chunk_size >= 2**31 with kv ranges, documents or a start_pos tensor"
-    elif not (0 <= start_pos and start_pos + k.shape[2] < 2 ** 31):
+        return "B (or the number of documents) or H > 65535 exceeds the CUDA grid's second axis"
+    if not _wide(start_pos, kv_start, cu_seqlens_q) and start_pos + k.shape[2] >= 2 ** 31:
         return "positions start_pos .. start_pos + Tk must fit in int32"
     return None
 
@@ -223,23 +222,31 @@ def _wide(start_pos, kv_start, cu_seqlens_q) -> bool:
     return kv_start is not None or cu_seqlens_q is not None or isinstance(start_pos, torch.Tensor)
 
 
-def _chunk_args(chunk_size, start_pos, Tk: int, wide: bool):
-    """(chunk_size, chunk_phase) kernel arguments. Chunks are counted by position (key j is in
-    chunk (start_pos + j) // chunk_size); the kernels work in key indices with
-    phase = start_pos mod chunk_size. For the v1 code path (int start_pos) both are reduced
-    here to values below Tk + 1, with the same chunk boundaries among keys 0 .. Tk - 1 (at most
-    one boundary when chunk_size >= Tk), which keeps the kernels' index arithmetic in int32.
-    The per-row code (wide) takes the chunk size as is and the phase of each row from its
-    start position, in int64. (1, 0) when there is no chunk path."""
-    if chunk_size is None or Tk == 0:
-        return 1, 0
+def _kernel_chunk(chunk_size, Tk: int) -> int:
+    """The chunk_size kernel argument: 1 (unused) without a chunk path, else chunk_size, or
+    Tk + 1 when chunk_size > Tk (see _kernel_phase), which keeps the kernels' chunk arithmetic
+    in int32."""
+    if chunk_size is None:
+        return 1
+    return int(chunk_size) if chunk_size <= Tk else Tk + 1
+
+
+def _kernel_phase(shift, chunk_size, Tk: int):
+    """Chunk phase for the kernels, of shift = the position of key index 0 (an int, or an int64
+    tensor of one per row, computed on its device). Chunks are counted by position (key j is in
+    chunk (shift + j) // chunk_size); the kernels work in key indices with chunks of
+    _kernel_chunk keys and this phase. chunk_size > Tk: at most one chunk boundary among the
+    keys 0 .. Tk - 1, the first at or after key 0 (or none, when that one is at Tk or later),
+    kept as the boundary of chunks of Tk + 1 keys."""
+    if chunk_size is None:
+        return shift * 0
     C = int(chunk_size)
-    if wide:
-        return C, 0
+    phase = shift % C  # Python's and torch's remainder: in [0, C)
     if C <= Tk:
-        return C, start_pos % C
-    b0 = (-start_pos) % C  # the first key index at a chunk boundary
-    return Tk, (Tk - b0) % Tk if b0 < Tk else 0
+        return phase
+    first = (C - phase) % C
+    first = first.clamp(max=Tk) if isinstance(first, torch.Tensor) else min(first, Tk)
+    return (Tk + 1 - first) % (Tk + 1)
 
 
 _DUMMIES = {}
@@ -254,34 +261,37 @@ def _dummy(device, dtype):
 
 
 def _row_args(q, k, chunk_size, start_pos, kv_start, kv_end, cu_q, cu_k, max_sq, max_sk):
-    """The kernels' row arguments -> dict(ptrs=(KV_START, KV_END, CU_Q, CU_K, SPOS),
+    """The kernels' row arguments -> dict(ptrs=(KV_START, KV_END, CU_Q, CU_K, PHASE),
     ints=(chunk_size, chunk_phase, start_pos), flags=dict(RANGES, PACKED), R (grid rows),
     nq, nk (the longest row's queries and keys, for the grids)). Tensors stay on the device:
-    a start_pos tensor alone gets kv ranges (0, Tk), an int start_pos with ranges or documents
-    a (R,) int64 tensor of it (fills, no sync)."""
+    a start_pos tensor alone gets kv ranges (0, Tk), and the rows' chunk phases are computed
+    there (a few small elementwise ops, no sync)."""
     dev = q.device
     Tq, Tk = q.shape[2], k.shape[2]
     packed = cu_q is not None
     wide = _wide(start_pos, kv_start, cu_q)
     R = cu_q.shape[0] - 1 if packed else q.shape[0]
-    i32, i64 = _dummy(dev, torch.int32), _dummy(dev, torch.int64)
+    i32 = _dummy(dev, torch.int32)
     ranges = wide and not packed
     if ranges and kv_start is None:
         kv_start = torch.zeros(R, dtype=torch.int32, device=dev)
         kv_end = torch.full((R,), Tk, dtype=torch.int32, device=dev)
-    if wide:
-        spos = (start_pos.to(device=dev, dtype=torch.int64).contiguous()
-                if isinstance(start_pos, torch.Tensor)
-                else torch.full((R,), int(start_pos), dtype=torch.int64, device=dev))
-    C, phase = _chunk_args(chunk_size, 0 if wide else int(start_pos), Tk, wide)
+    phases = None
+    if wide:  # the position of key index 0 of each row, in int64
+        shift = (start_pos.to(device=dev, dtype=torch.int64) if isinstance(start_pos, torch.Tensor)
+                 else torch.full((R,), int(start_pos), dtype=torch.int64, device=dev))
+        if ranges:
+            shift = shift - kv_start.to(device=dev, dtype=torch.int64)
+        phases = _kernel_phase(shift, chunk_size, Tk)
 
     def i32c(t):
         return i32 if t is None else t.to(device=dev, dtype=torch.int32).contiguous()
 
     return dict(
         ptrs=(i32c(kv_start if ranges else None), i32c(kv_end if ranges else None),
-              i32c(cu_q), i32c(cu_k), spos if wide else i64),
-        ints=(C, phase, 0 if wide else int(start_pos)),
+              i32c(cu_q), i32c(cu_k), i32c(phases)),
+        ints=(_kernel_chunk(chunk_size, Tk), 0 if wide else _kernel_phase(start_pos, chunk_size, Tk),
+              0 if wide else int(start_pos)),
         flags=dict(RANGES=ranges, PACKED=packed), R=R,
         nq=Tq if not packed or max_sq is None else int(max_sq),
         nk=Tk if not packed or max_sk is None else int(max_sk))
@@ -471,8 +481,8 @@ def hybrid_attention_triton(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_si
 # Ahead-of-time compile variants (used by `python -m chunkmem.compile_check`)
 # ----------------------------------------------------------------------------------------------
 _FP32_PTRS = {"W", "LSE", "DI", "DW"}
-_I32_PTRS = {"MEMLEN", "KV_START", "KV_END", "CU_Q", "CU_K"}
-_I64_PTRS = {"ROPE_STEP", "SPOS"}
+_I32_PTRS = {"MEMLEN", "KV_START", "KV_END", "CU_Q", "CU_K", "PHASE"}
+_I64_PTRS = {"ROPE_STEP"}
 _I32_ARGS = {"H", "G", "Tq", "Tk", "S", "chunk_size", "chunk_phase", "start_pos"}
 _F32_ARGS = {"qk_scale", "scale"}
 

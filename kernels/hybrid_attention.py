@@ -11,11 +11,13 @@ Rows (SPEC §1b; see ``_row_geometry``). The second grid axis runs over rows r: 
 int32), whose programs past the document's length return at once. A row has nq queries and
 valid keys [k_lo, k_hi); query i sits at key index ``a_i = i + off`` (off = k_hi - nq) and key
 j at position ``j + shift``. By default (no flag) k_lo = 0, k_hi = Tk, shift = start_pos (an
-int32 argument), the v1 code path. ``RANGES``: per-row kv_start / kv_end (int32 (B,)) and a
-start position (int64 (Bm,)) read from device tensors; positions and chunk phases then in
-int64. A query with ``a_i < k_lo`` (a padding query) gets output 0, empty-row LSEs and no
-gradient; keys outside [k_lo, k_hi) load as 0, are masked, and get dk = dv = 0. Tiles without
-a valid key are skipped (loop bounds from k_lo, k_hi).
+int32 argument), the v1 code path. ``RANGES``: per-row kv_start / kv_end (int32 (B,)). With
+either flag, each row's chunk phase (int32 (Bm,), computed by the launcher on the device from
+the start positions) is read from a device tensor, and RoPE rotates at the row's key indices
+(shift = 0: RoPE depends on relative positions only, see _row_geometry). A query with
+``a_i < k_lo`` (a padding query) gets output 0, empty-row LSEs and no gradient; keys outside
+[k_lo, k_hi) load as 0, are masked, and get dk = dv = 0. Tiles without a valid key are
+skipped (loop bounds from k_lo, k_hi).
 
 Backward statistics, with O_p the normalized output of path p and out = sum_p w_p O_p:
 ``DW_p = rowsum(dO * O_p)`` (its sum over rows is dweights[p]) and ``DI_p = w_p * DW_p``, so that
@@ -162,32 +164,23 @@ def _along_keys(x, KEY_MAJOR: tl.constexpr):
 
 
 @triton.jit
-def _chunk_start(a, phase, chunk_size, WIDE: tl.constexpr):
+def _chunk_start(a, phase, chunk_size):
     """Key index of the first key of the chunk of key index a (M,): chunks are counted by
-    position, pos(j) = j + shift, and phase = shift mod chunk_size. WIDE: int64 arithmetic
-    (per-row phases from device tensors, up to chunk_size - 1), clamped to -1 below and int32;
-    otherwise int32 (the launcher's phase and chunk size are below 2 Tk + 2)."""
-    if WIDE:
-        x = a.to(tl.int64) + phase
-        return tl.maximum((x // chunk_size) * chunk_size - phase, -1).to(tl.int32)
-    else:
-        return ((a + phase) // chunk_size) * chunk_size - phase
+    position, pos(j) = j + shift, with phase = shift mod chunk_size (int32: both are below
+    Tk + 2, see _row_geometry). Meaningless for a < 0 (padding queries, masked anyway)."""
+    return ((a + phase) // chunk_size) * chunk_size - phase
 
 
 @triton.jit
-def _chunk_end(j, phase, chunk_size, limit, WIDE: tl.constexpr):
+def _chunk_end(j, phase, chunk_size, limit):
     """One past the last key index of key index j's chunk (j >= 0), at most limit."""
-    if WIDE:
-        x = j.to(tl.int64) + phase
-        return tl.minimum((x // chunk_size + 1) * chunk_size - phase, limit).to(tl.int32)
-    else:
-        return tl.minimum(((j + phase) // chunk_size + 1) * chunk_size - phase, limit)
+    return tl.minimum(((j + phase) // chunk_size + 1) * chunk_size - phase, limit)
 
 
 @triton.jit
 def _mask_scores(s, rows, cols, off, n_keys, first_key, q_lo, chunk_size, phase,
                  MEM: tl.constexpr, MASKED: tl.constexpr, DO_2, KEY_MAJOR: tl.constexpr,
-                 RANGES: tl.constexpr, WIDE: tl.constexpr):
+                 RANGES: tl.constexpr):
     """Scores of states 1 and 2 with invalid pairs set to -inf; s is (M, N) (queries rows,
     keys cols), or (N, M) when KEY_MAJOR.
 
@@ -218,7 +211,7 @@ def _mask_scores(s, rows, cols, off, n_keys, first_key, q_lo, chunk_size, phase,
         else:
             s1 = s
         if DO_2:
-            start = _chunk_start(a, phase, chunk_size, WIDE)
+            start = _chunk_start(a, phase, chunk_size)
             s2 = tl.where(key >= _along_queries(start, KEY_MAJOR), s1, float("-inf"))
         else:
             s2 = s1
@@ -227,7 +220,7 @@ def _mask_scores(s, rows, cols, off, n_keys, first_key, q_lo, chunk_size, phase,
 
 @triton.jit
 def _key_range(m0, nq, off, k_lo, chunk_size, phase, HAS_CHUNK: tl.constexpr,
-               RANGES: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr,
+               RANGES: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr):
     """Key blocks of query block [m0, m0 + BLOCK_M) of a row with nq queries and valid keys
     from k_lo: [lo, split) lie below every row's diagonal and before every row's chunk
@@ -240,7 +233,7 @@ def _key_range(m0, nq, off, k_lo, chunk_size, phase, HAS_CHUNK: tl.constexpr,
     if RANGES:
         first = tl.maximum(first, k_lo)
     if HAS_CHUNK:
-        first = _chunk_start(first, phase, chunk_size, WIDE)
+        first = _chunk_start(first, phase, chunk_size)
     split = (first // BLOCK_N) * BLOCK_N
     if RANGES:
         lo = (k_lo // BLOCK_N) * BLOCK_N
@@ -253,7 +246,7 @@ def _key_range(m0, nq, off, k_lo, chunk_size, phase, HAS_CHUNK: tl.constexpr,
 
 @triton.jit
 def _query_range(n0, nq, off, k_lo, k_hi, chunk_size, phase, HAS_CHUNK: tl.constexpr,
-                 RANGES: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 RANGES: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr):
     """Query blocks that see key block [n0, n0 + BLOCK_N) of a row with nq queries and valid
     keys [k_lo, k_hi): [lo, split) need masks (diagonal, chunk window), [split, hi) see every
@@ -266,7 +259,7 @@ def _query_range(n0, nq, off, k_lo, k_hi, chunk_size, phase, HAS_CHUNK: tl.const
     q_hi = n0 + BLOCK_N - off  # rows with a_i >= n0 + BLOCK_N see the whole block
     if HAS_CHUNK:
         last = tl.minimum(n0 + BLOCK_N, k_hi) - 1
-        q_hi = tl.maximum(q_hi, _chunk_end(last, phase, chunk_size, k_hi, WIDE) - off)
+        q_hi = tl.maximum(q_hi, _chunk_end(last, phase, chunk_size, k_hi) - off)
     q_hi = tl.minimum(q_hi, nq)
     split = lo + tl.cdiv(tl.maximum(q_hi - lo, 0), BLOCK_M) * BLOCK_M
     hi = nq
@@ -278,8 +271,8 @@ def _query_range(n0, nq, off, k_lo, k_hi, chunk_size, phase, HAS_CHUNK: tl.const
 
 
 @triton.jit
-def _row_geometry(r, Tq, Tk, chunk_size, chunk_phase, start_pos, KV_START, KV_END, CU_Q, CU_K,
-                  SPOS, RANGES: tl.constexpr, PACKED: tl.constexpr):
+def _row_geometry(r, Tq, Tk, chunk_phase, start_pos, KV_START, KV_END, CU_Q, CU_K, PHASE,
+                  RANGES: tl.constexpr, PACKED: tl.constexpr):
     """Where row r (batch row, or document with PACKED) lives and what it sees.
 
     Returns b (batch index of its q, k, v), q0 / k0 (its first query / key along the Tq / Tk
@@ -288,7 +281,11 @@ def _row_geometry(r, Tq, Tk, chunk_size, chunk_phase, start_pos, KV_START, KV_EN
     chunk_size, see _chunk_start). With neither flag: the whole (Tq, Tk) row, positions from
     the start_pos argument, phase from chunk_phase. RANGES: keys [KV_START[r], KV_END[r]).
     PACKED: document r of row 0, queries CU_Q[r]:CU_Q[r+1], keys CU_K[r]:CU_K[r+1]. Either:
-    position SPOS[r] (int64) at the first valid key, shift and phase in int64 arithmetic.
+    phase PHASE[r] (int32, computed by the launcher on the device from the row's start
+    position, reduced like chunk_size to values below Tk + 2) and shift = 0: RoPE at the key
+    indices. RoPE scores depend on relative positions only (R(s + a)^T R(s + j) = R(j - a), and
+    so do the gradients), so the row's start position matters only for chunk membership; this
+    keeps every position in int32 (and the fixed-point angles at their most accurate).
     """
     if PACKED:
         b = 0
@@ -309,8 +306,8 @@ def _row_geometry(r, Tq, Tk, chunk_size, chunk_phase, start_pos, KV_START, KV_EN
         k_lo = 0
     off = k_hi - nq
     if RANGES or PACKED:
-        shift = tl.load(SPOS + r) - k_lo
-        phase = (((shift % chunk_size) + chunk_size) % chunk_size).to(tl.int32)
+        shift = 0
+        phase = tl.load(PHASE + r)
     else:
         shift = start_pos
         phase = chunk_phase
@@ -356,7 +353,7 @@ def _fwd_loop(m1, l1, acc1, m2, l2, acc2, q1, q2, rows, k_ptr, v_ptr, ROPE_STEP,
               off, n_keys, first_key, q_lo, chunk_size, phase, shift, qk_scale, lo, hi,
               HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
-              ROPE: tl.constexpr, RANGES: tl.constexpr, WIDE: tl.constexpr,
+              ROPE: tl.constexpr, RANGES: tl.constexpr,
               DOT_PREC: tl.constexpr):
     """Online softmax of states 1 and 2 over key blocks [lo, hi), one QK^T tile per block."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -366,7 +363,7 @@ def _fwd_loop(m1, l1, acc1, m2, l2, acc2, q1, q2, rows, k_ptr, v_ptr, ROPE_STEP,
         v = _load_rows(v_ptr, cols, col_ok, HEAD_DIM)
         s = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
         s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, q_lo, chunk_size, phase,
-                              MEM, MASKED, DO_2, False, RANGES, WIDE)
+                              MEM, MASKED, DO_2, False, RANGES)
         if DO_1:
             m1, l1, acc1 = _online_softmax_step(m1, l1, acc1, s1, v, DOT_PREC)
         if DO_2:
@@ -383,8 +380,8 @@ def _finish_path(out, m_i, l_i, acc, w, lse_ptr, rows, row_in):
 
 
 @triton.jit
-def _query_program(H, G, Tq, Tk, chunk_size, chunk_phase, start_pos, KV_START, KV_END, CU_Q,
-                   CU_K, SPOS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+def _query_program(H, G, Tq, Tk, chunk_phase, start_pos, KV_START, KV_END, CU_Q, CU_K, PHASE,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    RANGES: tl.constexpr, PACKED: tl.constexpr):
     """Indices of a (query block, row r, head h) program (see _row_geometry): the kv row
     bg = b * G + g and memory row mg = r * G + g (int64), the block's first query m0, its
@@ -394,8 +391,8 @@ def _query_program(H, G, Tq, Tk, chunk_size, chunk_phase, start_pos, KV_START, K
     r = tl.program_id(1)
     h = tl.program_id(2)
     b, q0, nq, k0, k_lo, k_hi, off, shift, phase = _row_geometry(
-        r, Tq, Tk, chunk_size, chunk_phase, start_pos, KV_START, KV_END, CU_Q, CU_K, SPOS,
-        RANGES, PACKED)
+        r, Tq, Tk, chunk_phase, start_pos, KV_START, KV_END, CU_Q, CU_K, PHASE, RANGES,
+        PACKED)
     g = h // (H // G)
     bh = (b * H + h).to(tl.int64)
     m0 = tl.program_id(0) * BLOCK_M
@@ -421,7 +418,7 @@ def _mem_range(m0, first, S, q_lo, RANGES: tl.constexpr, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def hybrid_attention_fwd_kernel(
-    Q, K, V, MK, MV, W, MEMLEN, ROPE_STEP, OUT, LSE, KV_START, KV_END, CU_Q, CU_K, SPOS,
+    Q, K, V, MK, MV, W, MEMLEN, ROPE_STEP, OUT, LSE, KV_START, KV_END, CU_Q, CU_K, PHASE,
     H, G, Tq, Tk, S, chunk_size, chunk_phase, start_pos, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
@@ -430,10 +427,9 @@ def hybrid_attention_fwd_kernel(
     """One program per (query block, row or document, h): out = w_g O_g + w_c O_c + w_m O_m
     and the LSE of each path."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    WIDE: tl.constexpr = RANGES or PACKED
     (h, bg, mg, m0, rows, row_in, row_ok, q_off, stats_off, r, nq, k0, k_lo, k_hi, off, shift,
-     phase) = _query_program(H, G, Tq, Tk, chunk_size, chunk_phase, start_pos, KV_START, KV_END,
-                             CU_Q, CU_K, SPOS, HEAD_DIM, BLOCK_M, RANGES, PACKED)
+     phase) = _query_program(H, G, Tq, Tk, chunk_phase, start_pos, KV_START, KV_END, CU_Q, CU_K,
+                             PHASE, HEAD_DIM, BLOCK_M, RANGES, PACKED)
     if PACKED:
         if m0 >= nq:
             return
@@ -455,7 +451,7 @@ def hybrid_attention_fwd_kernel(
             m_m, l_m, acc_m, m_m, l_m, acc_m, q1, q2, rows, mk_ptr, mv_ptr, ROPE_STEP,
             off, S, first, q_lo, chunk_size, phase, 0, qk_scale,
             _mem_range(m0, first, S, q_lo, RANGES, BLOCK_M, BLOCK_N), S,
-            HALF, HEAD_DIM, BLOCK_N, True, False, True, True, False, RANGES, WIDE, DOT_PREC)
+            HALF, HEAD_DIM, BLOCK_N, True, False, True, True, False, RANGES, DOT_PREC)
         w_m = tl.load(W + h * 3 + 2)
         out = _finish_path(out, m_m, l_m, acc_m, w_m, lse_ptr + 2 * Tq, rows, row_in)
     # Global and chunk paths: one pass over the key blocks up to the diagonal (RoPE'd q).
@@ -469,18 +465,18 @@ def hybrid_attention_fwd_kernel(
     acc_c = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     k_ptr = K + (bg * Tk + k0) * HEAD_DIM
     v_ptr = V + (bg * Tk + k0) * HEAD_DIM
-    lo, split, hi = _key_range(m0, nq, off, k_lo, chunk_size, phase, HAS_CHUNK, RANGES, WIDE,
+    lo, split, hi = _key_range(m0, nq, off, k_lo, chunk_size, phase, HAS_CHUNK, RANGES,
                                BLOCK_M, BLOCK_N)
     if USE_GLOBAL:  # tiles fully below the diagonal and before the chunks: no mask
         m_g, l_g, acc_g, m_c, l_c, acc_c = _fwd_loop(
             m_g, l_g, acc_g, m_c, l_c, acc_c, q1, q2, rows, k_ptr, v_ptr, ROPE_STEP,
             off, k_hi, k_lo, q_lo, chunk_size, phase, shift, qk_scale, lo, split,
-            HALF, HEAD_DIM, BLOCK_N, True, False, False, False, ROPE, RANGES, WIDE, DOT_PREC)
+            HALF, HEAD_DIM, BLOCK_N, True, False, False, False, ROPE, RANGES, DOT_PREC)
     if USE_GLOBAL or HAS_CHUNK:  # chunk window and diagonal: masked, one QK^T per tile
         m_g, l_g, acc_g, m_c, l_c, acc_c = _fwd_loop(
             m_g, l_g, acc_g, m_c, l_c, acc_c, q1, q2, rows, k_ptr, v_ptr, ROPE_STEP,
             off, k_hi, k_lo, q_lo, chunk_size, phase, shift, qk_scale, split, hi,
-            HALF, HEAD_DIM, BLOCK_N, USE_GLOBAL, HAS_CHUNK, True, False, ROPE, RANGES, WIDE,
+            HALF, HEAD_DIM, BLOCK_N, USE_GLOBAL, HAS_CHUNK, True, False, ROPE, RANGES,
             DOT_PREC)
     if USE_GLOBAL:
         w_g = tl.load(W + h * 3)
@@ -524,7 +520,7 @@ def _tile_grads(q1, q2, k1, k2, do, v, rows, cols, row_ok, lse1, di1, w1, lse2, 
                 off, n_keys, first_key, q_lo, chunk_size, phase, qk_scale,
                 DO_1: tl.constexpr, DO_2, MASKED: tl.constexpr, MEM: tl.constexpr,
                 LOAD_STATS: tl.constexpr, KEY_MAJOR: tl.constexpr, RANGES: tl.constexpr,
-                WIDE: tl.constexpr, DOT_PREC: tl.constexpr):
+                DOT_PREC: tl.constexpr):
     """Recompute one (query tile, key tile) of states 1 and 2 (as in _fwd_loop).
 
     DO_2 is a constexpr, or a runtime scalar bool (the dk/dv loop's "tile in a chunk window").
@@ -545,7 +541,7 @@ def _tile_grads(q1, q2, k1, k2, do, v, rows, cols, row_ok, lse1, di1, w1, lse2, 
         s = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, q_lo, chunk_size, phase, MEM,
-                          MASKED, DO_2, KEY_MAJOR, RANGES, WIDE)
+                          MASKED, DO_2, KEY_MAJOR, RANGES)
     pw = tl.zeros_like(dp)
     ds = tl.zeros_like(dp)
     r1 = tl.zeros([do.shape[0]], dtype=tl.float32)
@@ -566,7 +562,7 @@ def _bwd_q_loop(dq1, dq2, r1, r2, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
                 HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                 DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
                 ROPE: tl.constexpr, GRAD_Q: tl.constexpr, RANGES: tl.constexpr,
-                WIDE: tl.constexpr, DOT_PREC: tl.constexpr):
+                DOT_PREC: tl.constexpr):
     """Over key blocks [lo, hi): add rowsum(P dP) of states 1/2 (as in _fwd_loop) to r1, r2 and,
     when GRAD_Q, the query block's dq halves (w.r.t. the q used in the scores) to dq1, dq2."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -577,7 +573,7 @@ def _bwd_q_loop(dq1, dq2, r1, r2, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
         pw, ds, t1, t2 = _tile_grads(q1, q2, k1, k2, do, v, rows, cols, None, lse1, di1, w1,
                                      lse2, di2, w2, off, n_keys, first_key, q_lo, chunk_size,
                                      phase, qk_scale, DO_1, DO_2, MASKED, MEM, False, False,
-                                     RANGES, WIDE, DOT_PREC)
+                                     RANGES, DOT_PREC)
         r1 += t1
         r2 += t2
         if GRAD_Q:
@@ -602,7 +598,7 @@ def _store_derived(ptr, rows, row_in, Tq, x, USE_GLOBAL: tl.constexpr, HAS_CHUNK
 @triton.jit
 def hybrid_attention_bwd_preprocess_kernel(
     Q, K, V, MK, MV, OUT, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DW, KV_START, KV_END, CU_Q, CU_K,
-    SPOS, H, G, Tq, Tk, S, chunk_size, chunk_phase, start_pos, qk_scale,
+    PHASE, H, G, Tq, Tk, S, chunk_size, chunk_phase, start_pos, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
     ROPE: tl.constexpr, RANGES: tl.constexpr, PACKED: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -612,10 +608,9 @@ def hybrid_attention_bwd_preprocess_kernel(
     and, with the global path on, the chunk path (the keys of the rows' chunks) are
     recomputed; the derived path's DI is rowsum(dO * out) minus the others'."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    WIDE: tl.constexpr = RANGES or PACKED
     (h, bg, mg, m0, rows, row_in, row_ok, q_off, stats_off, r, nq, k0, k_lo, k_hi, off, shift,
-     phase) = _query_program(H, G, Tq, Tk, chunk_size, chunk_phase, start_pos, KV_START, KV_END,
-                             CU_Q, CU_K, SPOS, HEAD_DIM, BLOCK_M, RANGES, PACKED)
+     phase) = _query_program(H, G, Tq, Tk, chunk_phase, start_pos, KV_START, KV_END, CU_Q, CU_K,
+                             PHASE, HEAD_DIM, BLOCK_M, RANGES, PACKED)
     if PACKED:
         if m0 >= nq:
             return
@@ -637,7 +632,7 @@ def hybrid_attention_bwd_preprocess_kernel(
             MV + mg * S * HEAD_DIM, ROPE_STEP, lse, zero, 0.0, lse, zero, 0.0,
             off, S, first, q_lo, 1, 0, 0, qk_scale,
             _mem_range(m0, first, S, q_lo, RANGES, BLOCK_M, BLOCK_N), S,
-            HALF, HEAD_DIM, BLOCK_N, True, False, True, True, False, False, RANGES, WIDE,
+            HALF, HEAD_DIM, BLOCK_N, True, False, True, True, False, False, RANGES,
             DOT_PREC)
         w = tl.load(W + h * 3 + 2)
         tl.store(dw_ptr + 2 * Tq + rows, rs, mask=row_in)
@@ -647,13 +642,13 @@ def hybrid_attention_bwd_preprocess_kernel(
         q1, q2 = _load_rot(Q + q_off, rows, row_ok, shift + off + rows, ROPE_STEP, HALF,
                            HEAD_DIM, ROPE)
         lse = tl.load(lse_ptr + Tq + rows, mask=row_ok, other=0.0)
-        _lo, split, hi = _key_range(m0, nq, off, k_lo, chunk_size, phase, True, RANGES, WIDE,
+        _lo, split, hi = _key_range(m0, nq, off, k_lo, chunk_size, phase, True, RANGES,
                                     BLOCK_M, BLOCK_N)
         _dq1, _dq2, _r, rs = _bwd_q_loop(
             no_dq, no_dq, zero, zero, q1, q2, do, rows, K + (bg * Tk + k0) * HEAD_DIM,
             V + (bg * Tk + k0) * HEAD_DIM, ROPE_STEP, lse, zero, 0.0, lse, zero, 0.0,
             off, k_hi, k_lo, q_lo, chunk_size, phase, shift, qk_scale, split, hi,
-            HALF, HEAD_DIM, BLOCK_N, False, True, True, False, ROPE, False, RANGES, WIDE,
+            HALF, HEAD_DIM, BLOCK_N, False, True, True, False, ROPE, False, RANGES,
             DOT_PREC)
         w = tl.load(W + h * 3 + 1)
         tl.store(dw_ptr + Tq + rows, rs, mask=row_in)
@@ -665,7 +660,7 @@ def hybrid_attention_bwd_preprocess_kernel(
 @triton.jit
 def hybrid_attention_bwd_dq_kernel(
     Q, K, V, MK, MV, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DW, DQ, KV_START, KV_END, CU_Q, CU_K,
-    SPOS, H, G, Tq, Tk, S, chunk_size, chunk_phase, start_pos, qk_scale, scale,
+    PHASE, H, G, Tq, Tk, S, chunk_size, chunk_phase, start_pos, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
     ROPE: tl.constexpr, RANGES: tl.constexpr, PACKED: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -673,10 +668,9 @@ def hybrid_attention_bwd_dq_kernel(
     """One program per (query block, row or document, h): dq of all three paths (no atomics),
     and the derived path's DW."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    WIDE: tl.constexpr = RANGES or PACKED
     (h, bg, mg, m0, rows, row_in, row_ok, q_off, stats_off, r, nq, k0, k_lo, k_hi, off, shift,
-     phase) = _query_program(H, G, Tq, Tk, chunk_size, chunk_phase, start_pos, KV_START, KV_END,
-                             CU_Q, CU_K, SPOS, HEAD_DIM, BLOCK_M, RANGES, PACKED)
+     phase) = _query_program(H, G, Tq, Tk, chunk_phase, start_pos, KV_START, KV_END, CU_Q, CU_K,
+                             PHASE, HEAD_DIM, BLOCK_M, RANGES, PACKED)
     if PACKED:
         if m0 >= nq:
             return
@@ -700,20 +694,20 @@ def hybrid_attention_bwd_dq_kernel(
     w_c = tl.load(W + h * 3 + 1)
     k_ptr = K + (bg * Tk + k0) * HEAD_DIM
     v_ptr = V + (bg * Tk + k0) * HEAD_DIM
-    lo, split, hi = _key_range(m0, nq, off, k_lo, chunk_size, phase, HAS_CHUNK, RANGES, WIDE,
+    lo, split, hi = _key_range(m0, nq, off, k_lo, chunk_size, phase, HAS_CHUNK, RANGES,
                                BLOCK_M, BLOCK_N)
     if USE_GLOBAL:  # same tile split as the forward
         dq1, dq2, r_g, r_c = _bwd_q_loop(
             dq1, dq2, r_g, r_c, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
             lse_g, di_g, w_g, lse_c, di_c, w_c, off, k_hi, k_lo, q_lo, chunk_size, phase, shift,
             qk_scale, lo, split, HALF, HEAD_DIM, BLOCK_N, True, False, False, False, ROPE, True,
-            RANGES, WIDE, DOT_PREC)
+            RANGES, DOT_PREC)
     if USE_GLOBAL or HAS_CHUNK:
         dq1, dq2, r_g, r_c = _bwd_q_loop(
             dq1, dq2, r_g, r_c, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
             lse_g, di_g, w_g, lse_c, di_c, w_c, off, k_hi, k_lo, q_lo, chunk_size, phase, shift,
             qk_scale, split, hi, HALF, HEAD_DIM, BLOCK_N, USE_GLOBAL, HAS_CHUNK, True, False,
-            ROPE, True, RANGES, WIDE, DOT_PREC)
+            ROPE, True, RANGES, DOT_PREC)
     if ROPE:
         dq1, dq2 = _rope(dq1, dq2, q_pos, ROPE_STEP, HALF, -1)
 
@@ -727,7 +721,7 @@ def hybrid_attention_bwd_dq_kernel(
             dq1, dq2, r_m, r_m, q1, q2, do, rows, MK + mg * S * HEAD_DIM, MV + mg * S * HEAD_DIM,
             ROPE_STEP, lse_m, di_m, w_m, lse_m, di_m, w_m, off, S, first, q_lo, 1, 0, 0,
             qk_scale, _mem_range(m0, first, S, q_lo, RANGES, BLOCK_M, BLOCK_N), S,
-            HALF, HEAD_DIM, BLOCK_N, True, False, True, True, False, True, RANGES, WIDE,
+            HALF, HEAD_DIM, BLOCK_N, True, False, True, True, False, True, RANGES,
             DOT_PREC)
     _store_halves(DQ + q_off, rows, row_in, dq1 * scale, dq2 * scale, HALF, HEAD_DIM)
     if USE_GLOBAL:
@@ -756,7 +750,7 @@ def _bwd_kv_loop(dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, rep,
                  HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  DO_1: tl.constexpr, DO_2: tl.constexpr, MEM: tl.constexpr,
                  ROPE: tl.constexpr, KEY_MAJOR: tl.constexpr, RANGES: tl.constexpr,
-                 WIDE: tl.constexpr, DOT_PREC: tl.constexpr):
+                 DOT_PREC: tl.constexpr):
     """Accumulate the key block's (rotated) dk halves and dv over the query blocks [lo, hi) of
     each of the rep query heads g * rep + j of the group, as one flat loop (one loop body: the
     registers of a second copy of the tile code would stay allocated across the first).
@@ -787,7 +781,7 @@ def _bwd_kv_loop(dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, rep,
             q1, q2, k1, k2, do, v, rows, cols, row_ok, stats + P1 * Tq + rows,
             dstats + P1 * Tq + rows, w1, stats + P2 * Tq + rows, dstats + P2 * Tq + rows, w2,
             off, n_keys, first_key, q_lo, chunk_size, phase, qk_scale, DO_1,
-            (start_m < split) & DO_2, True, MEM, True, KEY_MAJOR, RANGES, WIDE, DOT_PREC)
+            (start_m < split) & DO_2, True, MEM, True, KEY_MAJOR, RANGES, DOT_PREC)
         dv = tl.dot(_keys_first(pw.to(do.dtype), KEY_MAJOR), do, dv, input_precision=DOT_PREC)
         ds = _keys_first(ds.to(q1.dtype), KEY_MAJOR)
         dk1 = tl.dot(ds, q1, dk1, input_precision=DOT_PREC)
@@ -797,7 +791,7 @@ def _bwd_kv_loop(dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, rep,
 
 @triton.jit
 def hybrid_attention_bwd_dkdv_kernel(
-    Q, K, V, DO, W, ROPE_STEP, LSE, DI, DK, DV, KV_START, KV_END, CU_Q, CU_K, SPOS,
+    Q, K, V, DO, W, ROPE_STEP, LSE, DI, DK, DV, KV_START, KV_END, CU_Q, CU_K, PHASE,
     H, G, Tq, Tk, chunk_size, chunk_phase, start_pos, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, ROPE: tl.constexpr,
@@ -808,13 +802,12 @@ def hybrid_attention_bwd_dkdv_kernel(
     summed over the H/G query heads of the group in a fixed order (deterministic, no atomics).
     Keys outside the row's valid range get exact zeros."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    WIDE: tl.constexpr = RANGES or PACKED
     n0 = tl.program_id(0) * BLOCK_N
     r = tl.program_id(1)
     g = tl.program_id(2)
     b, q0, nq, k0, k_lo, k_hi, off, shift, phase = _row_geometry(
-        r, Tq, Tk, chunk_size, chunk_phase, start_pos, KV_START, KV_END, CU_Q, CU_K, SPOS,
-        RANGES, PACKED)
+        r, Tq, Tk, chunk_phase, start_pos, KV_START, KV_END, CU_Q, CU_K, PHASE, RANGES,
+        PACKED)
     if PACKED:
         if n0 >= k_hi:
             return
@@ -833,14 +826,14 @@ def hybrid_attention_bwd_dkdv_kernel(
     # Query blocks [lo, split) hold the block's diagonal and chunk windows; later queries see
     # the whole block through the global path only.
     lo, split, hi = _query_range(n0, nq, off, k_lo, k_hi, chunk_size, phase, HAS_CHUNK, RANGES,
-                                 WIDE, BLOCK_M, BLOCK_N)
+                                 BLOCK_M, BLOCK_N)
     if not USE_GLOBAL:
         hi = split
     dk1, dk2, dv = _bwd_kv_loop(
         dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, H // G,
         ROPE_STEP, Tq, q0, nq, off, k_hi, k_lo, k_lo - off, chunk_size, phase, shift, qk_scale,
         lo, split, hi, 0, 1, HALF, HEAD_DIM, BLOCK_M, USE_GLOBAL, HAS_CHUNK, False, ROPE,
-        KEY_MAJOR, RANGES, WIDE, DOT_PREC)
+        KEY_MAJOR, RANGES, DOT_PREC)
     if ROPE:
         dk1, dk2 = _rope(dk1, dk2, shift + cols, ROPE_STEP, HALF, -1)
     st_ok = cols < n_store
@@ -850,7 +843,7 @@ def hybrid_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def hybrid_attention_bwd_dmem_kernel(
-    Q, MK, MV, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DMK, DMV, KV_START, KV_END, CU_Q, CU_K, SPOS,
+    Q, MK, MV, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DMK, DMV, KV_START, KV_END, CU_Q, CU_K, PHASE,
     H, G, Tq, Tk, S, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     RANGES: tl.constexpr, PACKED: tl.constexpr, KEY_MAJOR: tl.constexpr,
@@ -860,12 +853,11 @@ def hybrid_attention_bwd_dmem_kernel(
     queries of the group's heads (every query but a padding one sees every valid slot).
     Blocks of invalid slots get zeros."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    WIDE: tl.constexpr = RANGES or PACKED
     n0 = tl.program_id(0) * BLOCK_N
     r = tl.program_id(1)
     g = tl.program_id(2)
     b, q0, nq, _k0, k_lo, _k_hi, off, _shift, _phase = _row_geometry(
-        r, Tq, Tk, 1, 0, 0, KV_START, KV_END, CU_Q, CU_K, SPOS, RANGES, PACKED)
+        r, Tq, Tk, 0, 0, KV_START, KV_END, CU_Q, CU_K, PHASE, RANGES, PACKED)
     q_lo = k_lo - off
     first = S - tl.load(MEMLEN + r)
     mg = (r * G + g).to(tl.int64)
@@ -884,6 +876,6 @@ def hybrid_attention_bwd_dmem_kernel(
     dk1, dk2, dv = _bwd_kv_loop(
         dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, H // G,
         ROPE_STEP, Tq, q0, nq, 0, S, first, q_lo, 1, 0, 0, qk_scale, lo, lo, hi, 2, 2,
-        HALF, HEAD_DIM, BLOCK_M, True, False, True, False, KEY_MAJOR, RANGES, WIDE, DOT_PREC)
+        HALF, HEAD_DIM, BLOCK_M, True, False, True, False, KEY_MAJOR, RANGES, DOT_PREC)
     _store_halves(DMK + kv_off, cols, col_ok, dk1 * scale, dk2 * scale, HALF, HEAD_DIM)
     _store_rows(DMV + kv_off, cols, col_ok, dv, HEAD_DIM)

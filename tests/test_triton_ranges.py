@@ -212,12 +212,16 @@ def test_dropped_prefix_cache(sp_tensor):
     assert torch.all(full_grads[1][:, :, :P] == 0)
 
 
-@pytest.mark.parametrize("Tq, start_pos", [(3, 45), (1, 2 ** 31 - 20)])
-def test_int_start_pos_chunk_larger_than_keys(Tq, start_pos):
-    """Default code path with chunk_size 50 > Tk = 10: the wrapper's reduced chunk arguments
-    keep the one boundary (position 50, key 5) or none; fp16, every gradient."""
+@pytest.mark.parametrize("Tq, chunk_size, start_pos, rope", [
+    (3, 50, 45, 10000.0), (1, 50, 2 ** 31 - 20, 10000.0), (3, 50, (45, 47), 10000.0),
+    (4, 2 ** 40, (2 ** 40 - 4, 2 ** 41), None)])
+def test_chunk_larger_than_keys(Tq, chunk_size, start_pos, rope):
+    """chunk_size > Tk = 10: the wrapper's reduced chunk arguments keep the one boundary among
+    the keys (position 50: key 5, key 3) or none, on the default code path (int start_pos) and
+    on the ranged one (a tensor, positions and chunks beyond int32); fp16, every gradient."""
     args = make_args(F16, 2, 2, 2, Tq, 10, 32, 0, None, seed=11)
-    kwargs = dict(chunk_size=50, use_global=True, rope_base=10000.0, start_pos=start_pos,
+    kwargs = dict(chunk_size=chunk_size, use_global=True, rope_base=rope,
+                  start_pos=start_pos if isinstance(start_pos, int) else i64(*start_pos),
                   scale=0.2)
     assert ta.unsupported_reason(*args, **kwargs) is None
     check_against_reference(args, kwargs, dout_like(args[0]))
@@ -244,7 +248,7 @@ def test_ranges_rectangular_blocks(monkeypatch, blocks, key_major):
 def test_unsupported_reason_rows():
     """Positions: an int start_pos beyond int32 is refused on the default code path only (the
     ranged and packed code computes positions in int64, and a start_pos tensor is not read on
-    the host); chunk_size must be below 2**31 there."""
+    the host); any chunk_size is supported."""
     args = make_args(F32, 2, 2, 1, 4, 8, 32, 0, None)
     kwargs = dict(chunk_size=4, use_global=True, rope_base=None, scale=0.3)
     ranges = dict(kv_start=i32(0, 2), kv_end=i32(8, 8))
@@ -253,4 +257,4 @@ def test_unsupported_reason_rows():
     assert ta.unsupported_reason(*args, **kwargs, start_pos=i64(2 ** 40, 0)) is None
     big = dict(kwargs, chunk_size=2 ** 31)
     assert ta.unsupported_reason(*args, **big, start_pos=0) is None
-    assert "chunk_size" in ta.unsupported_reason(*args, **big, start_pos=i64(0, 1))
+    assert ta.unsupported_reason(*args, **big, start_pos=i64(0, 1)) is None
