@@ -320,9 +320,9 @@ def _hybrid_dense(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_gl
                and (chunk_size is not None or mem is not None)
                and q.numel() * q.element_size() > _BLOCK_BYTES)
 
-    def add(out, o, w_path):
+    def add(out, o, w_path):  # o: a path's fresh output
         if out is None:
-            return o.to(sum_dtype) * w_path
+            return o.mul_(w_path) if not grad and o.dtype == sum_dtype else o.to(sum_dtype) * w_path
         if o.dtype != out.dtype:
             return torch.addcmul(out, o, w_path)
         if out.requires_grad or o.requires_grad or w_path.requires_grad:
