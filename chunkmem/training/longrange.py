@@ -194,10 +194,11 @@ def evaluate_mqar(model, cfg, filler, pairs=PAIRS, distances=DISTANCES, n_docs=3
 
 
 def file_start_documents(source: str, n_files: int, min_bytes: int = 64, seed: int = 0) -> list[Document]:
-    """Whole files as documents (first byte unscored, bytes >= 128 kept), deduplicated by content:
+    """Whole files as documents (first byte unscored), deduplicated by content:
     ``source="stdlib-val"`` (the held-out stdlib files) or ``"site-packages"`` (``*.py`` under
     the interpreter's purelib, never read in training; ``n_files`` of them chosen by a hash of
-    the path, files shorter than ``min_bytes`` skipped)."""
+    the path; files shorter than ``min_bytes`` or with a byte >= 128 skipped, so the recall
+    task's key/value bytes never occur in them)."""
     if source == "stdlib-val":
         docs = stdlib_documents("val")
         return docs[:n_files] if n_files else docs
@@ -216,7 +217,7 @@ def file_start_documents(source: str, n_files: int, min_bytes: int = 64, seed: i
         except OSError:
             continue
         digest = hashlib.sha1(data).digest()
-        if len(data) < min_bytes or digest in seen:
+        if len(data) < min_bytes or digest in seen or max(data) >= 128:
             continue
         seen.add(digest)
         tok = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
@@ -292,7 +293,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--passkey-docs", type=int, default=64, help="documents per distance (default 64)")
     p.add_argument("--mqar-docs", type=int, default=32, help="documents per (pairs, distance) cell (default 32)")
     p.add_argument("--file-starts", type=int, default=0,
-                   help="also bpb over the first --start-segments segments of this many site-packages files "
+                   help="also bpb over the first --start-segments segments of this many (ASCII) site-packages files "
                         "and of every held-out stdlib file (0: skip)")
     p.add_argument("--start-segments", type=int, default=4)
     p.add_argument("--prime", action="store_true",
@@ -429,3 +430,12 @@ def plot_heatmaps(results: dict, path: str) -> None:
     fig.suptitle(f"long-range recall (chance {meta['chance']:.3f})")
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # python -m chunkmem.training.longrange --ckpt NAME=PATH ... (same options)
+    import sys
+
+    _parser = argparse.ArgumentParser(prog="python -m chunkmem.training.longrange")
+    _sub = _parser.add_subparsers(dest="command")
+    add_parser(_sub)
+    sys.exit(main(_parser.parse_args(["eval-longrange", *sys.argv[1:]])))
