@@ -31,8 +31,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from chunkmem.training import loop as loop_module  # noqa: E402
-from chunkmem.training.config import build_model, make_config  # noqa: E402
+from chunkmem.training.config import make_config  # noqa: E402
 from chunkmem.training.data import Document, stdlib_documents  # noqa: E402
+from chunkmem.training.longrange import build_model_with_init  # noqa: E402
 from chunkmem.training.run import final_eval  # noqa: E402
 
 
@@ -81,7 +82,7 @@ def main(argv=None):
     if args.init_slots:
         if args.model != "memory":
             raise SystemExit("--init-slots needs --model memory")
-        loop_module.build_model = lambda c: build_model(c) if c.model != "memory" else _with_init(c, args.init_slots)
+        loop_module.build_model = lambda c: build_model_with_init(c, args.init_slots)
     train_docs = stdlib_documents("train", val_fraction=cfg.val_fraction)
     if args.text_piece_segments:
         train_docs = text_pieces(train_docs, args.text_piece_segments * cfg.segment_len)
@@ -116,15 +117,6 @@ def main(argv=None):
     with open(os.path.join(run_dir, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
     print(json.dumps(ev, indent=1))
-
-
-def _with_init(cfg, k):
-    from chunkmem.nn import ChunkMemLM
-    from chunkmem.training.data import VOCAB_SIZE
-    return ChunkMemLM(VOCAB_SIZE, cfg.d_model, cfg.n_layers, cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                      chunk_size=cfg.chunk_size, memory_slots=cfg.memory_slots, memory_pool=cfg.memory_pool,
-                      use_global=cfg.use_global, rope_base=cfg.rope_base, fusion=cfg.fusion,
-                      segment_len=cfg.segment_len, init_slots=k)
 
 
 if __name__ == "__main__":

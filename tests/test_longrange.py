@@ -71,7 +71,7 @@ def _tiny_checkpoint(tmp_path, model, init_slots=0):
     cfg = make_config("tiny", model=model, out_dir=str(tmp_path))
     if init_slots:
         real = loop.build_model
-        loop.build_model = lambda c: _init_model(c, init_slots)
+        loop.build_model = lambda c: lr.build_model_with_init(c, init_slots)
         try:
             trainer = loop.Trainer(cfg, train_docs=_few_docs())
         finally:
@@ -87,13 +87,6 @@ def _tiny_checkpoint(tmp_path, model, init_slots=0):
 def _few_docs():
     from chunkmem.training.data import stdlib_documents
     return stdlib_documents("train")[:8]
-
-
-def _init_model(cfg, k):
-    from chunkmem.nn import ChunkMemLM
-    return ChunkMemLM(256, cfg.d_model, cfg.n_layers, cfg.n_heads, chunk_size=cfg.chunk_size,
-                      memory_slots=cfg.memory_slots, memory_pool=cfg.memory_pool, segment_len=cfg.segment_len,
-                      init_slots=k)
 
 
 def test_checkpoint_with_learned_initial_memory_loads_as_trained(tmp_path):

@@ -7,7 +7,7 @@ learned to answer with a value byte).
 
 - Passkey (:func:`passkey_document`): one key-value pair ``key value | |`` in a pool-aligned
   window of segment 0, filler everywhere else, and ``? key`` -> value in segment ``d``: the key is
-  ``d`` segments away from the question. Accuracy by ``d`` (default 1, 2, 4, ..., 64).
+  ``d`` segments away from the question. Accuracy by ``d`` (default 1, 2, 4, 5, 8, ..., 64).
 - Multi-query associative recall (:func:`mqar_document`): ``n`` pairs (distinct keys) in distinct
   pool windows of segment 0, every one asked once in segment ``d``, in random order. Accuracy by
   number of pairs and distance.
@@ -55,10 +55,10 @@ from chunkmem.training.config import TrainConfig, build_model, config_from_dict
 from chunkmem.training.data import (BLOCK_FILL, FILLER_LO, KEY_LO, PAD, QUERY, VALUE_LO, Document,
                                     list_stdlib_files, stdlib_documents)
 
-__all__ = ["load_checkpoint_model", "passkey_document", "mqar_document", "recall_accuracy", "evaluate_passkey",
+__all__ = ["load_checkpoint_model", "build_model_with_init", "passkey_document", "mqar_document", "recall_accuracy", "evaluate_passkey",
            "evaluate_mqar", "file_start_documents", "file_start_bpb", "add_parser", "main"]
 
-DISTANCES = (1, 2, 4, 8, 16, 32, 64)
+DISTANCES = (1, 2, 4, 5, 8, 16, 32, 64)  # 4 and 5: both sides of the cpu-small FIFO horizon
 PAIRS = (1, 2, 4, 8)
 LN2 = math.log(2.0)
 
@@ -73,17 +73,24 @@ def load_checkpoint_model(path: str, device="cpu"):
     if shards is None:
         w = ckpt["model"].get("blocks.0.attn.memory_init")
         init = 0 if w is None else int(w.shape[0])
-    if init:
-        from chunkmem.nn import ChunkMemLM
-        from chunkmem.training.data import VOCAB_SIZE
-        model = ChunkMemLM(VOCAB_SIZE, cfg.d_model, cfg.n_layers, cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                           chunk_size=cfg.chunk_size, memory_slots=cfg.memory_slots, memory_pool=cfg.memory_pool,
-                           use_global=cfg.use_global, rope_base=cfg.rope_base, fusion=cfg.fusion,
-                           segment_len=cfg.segment_len, init_slots=init)
-    else:
-        model = build_model(cfg)
+    model = build_model_with_init(cfg, init)
     load_model_state(model, path)
     return model.to(device).eval(), cfg, init
+
+
+def build_model_with_init(cfg: TrainConfig, init_slots: int = 0):
+    """``build_model(cfg)``, with a learned initial memory of ``init_slots`` slots for the memory
+    model (TrainConfig has no field for it)."""
+    if not init_slots:
+        return build_model(cfg)
+    if cfg.model != "memory":
+        raise ValueError(f"init_slots needs the memory model, got {cfg.model!r}")
+    from chunkmem.nn import ChunkMemLM
+    from chunkmem.training.data import VOCAB_SIZE
+    return ChunkMemLM(VOCAB_SIZE, cfg.d_model, cfg.n_layers, cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                      chunk_size=cfg.chunk_size, memory_slots=cfg.memory_slots, memory_pool=cfg.memory_pool,
+                      use_global=cfg.use_global, rope_base=cfg.rope_base, fusion=cfg.fusion,
+                      segment_len=cfg.segment_len, init_slots=init_slots)
 
 
 # ------------------------------------------------------------------------------------ data
