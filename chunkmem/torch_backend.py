@@ -283,8 +283,8 @@ def hybrid_attention_torch(
 
 # Tiles of the no-gradient single-thread CPU forward (:func:`_blocked_chunk_memory`): bytes of
 # queries per tile, and at most this many tiles (larger tiles past that).
-_BLOCK_BYTES = 1 << 23
-_MAX_TILES = 4
+_BLOCK_BYTES = 1 << 22
+_MAX_TILES = 64
 
 
 def _hybrid_dense(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_global, rope_base,
@@ -298,9 +298,10 @@ def _hybrid_dense(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_gl
     (:func:`_blocked_chunk_memory`): only the output is new full-size memory. With several threads
     every op of a tile is a parallel region whose threads must all be scheduled before it ends;
     on a busy machine (this project's 2-core CPU at load ~5-10) the tiles' extra regions cost more
-    than the page faults they save (16k tokens, H=8: 1.16x FlexAttention's chunk-only forward
-    with tiles against 1.55x without, one thread; 2.0x best / 3.2x median with against 1.85x
-    without, two threads), so there the paths run whole."""
+    than the page faults they save (chunk + memory + RoPE, 16k tokens, H=8, against
+    FlexAttention's chunk-only forward: one thread, 1.08x best / 1.14x median with 4 MB tiles,
+    1.18x / 1.49x without; two threads, 2.0x / 3.2x with 8 MB tiles, 1.85x / 1.85x without), so
+    there the paths run whole."""
     H, Tq, D = q.shape[1], q.shape[2], q.shape[3]
     Tk = k.shape[2]
     cdt = _compute_dtype(q)
