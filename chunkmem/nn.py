@@ -30,22 +30,21 @@ temperature=1.0, top_k=None, top_p=None, generator=None) -> (new_tokens, state)`
 Learned initial memory (``init_slots=K``, 0 < K <= memory_slots; default 0 = off, the SPEC §3
 math): each layer with memory gets a parameter ``memory_init`` (K, d_model). A row whose memory
 is empty (``mem_len == 0``: nothing written since its document started, as after ``init_state``
-or ``MemoryState.reset``) is read AND written as if its memory were those K slots, right-aligned
-(slots S-K..S-1, the others zero) with ``mem_len = K``:
-
-- memory path: the row attends over the K learned slots (k/v projections, no RoPE, as any slot)
-  instead of contributing 0 (which, with path weights learned on segments that have memory
-  content, shrinks the attention output of a document's first segment);
-- memory write: ``gated_memory_update`` starts from them: ``m_{-1}`` is the learned slot S-1,
-  the FIFO pushes the segment's summaries after the learned slots and ``new_mem_len =
-  min(S, K + n)``; the learned slots fall out of the FIFO as real summaries arrive, as recurrent
-  memory transformers' learned initial memory tokens are overwritten by the first segments.
+or ``MemoryState.reset``) READS those K slots: its memory path attends over them (k/v
+projections, no RoPE, as any slot) instead of contributing 0, which, with path weights learned
+on segments that have memory content, shrinks the attention output of a document's first
+segment. The write is unchanged (``gated_memory_update`` of the empty memory: ``m_{-1}`` = 0,
+the FIFO holds only the document's own summaries), so from the second segment of a document on
+the math is exactly that of ``init_slots=0``. (A variant that also pushed the learned slots into
+the FIFO, as recurrent memory transformers carry learned initial memory tokens, kept them as
+extra slots during the next segments and cut recall one segment later from 0.99 to 0.33 on the
+cpu-small preset: the queries attended to them.)
 
 A state keeps its representation (an empty memory is zeros with mem_len 0, so ``reset``,
-``state_dict`` and checkpoints are unchanged); the substitution happens where a layer reads or
-writes the memory, in ``forward`` and in the cached path of ``generate``/``extend`` alike, so the
-two stay equal. Off by default: with K > 0 the model has new parameters (old checkpoints lack
-``memory_init``) and different math.
+``state_dict`` and checkpoints are unchanged); the substitution happens where a layer reads the
+memory, in ``forward`` and in the cached path of ``generate``/``extend`` alike, so the two stay
+equal. Off by default: with K > 0 the model has new parameters (old checkpoints lack
+``memory_init``) and different first-segment math.
 """
 from __future__ import annotations
 
@@ -160,8 +159,8 @@ class HybridAttention(nn.Module):
     values are the layer's own k/v projections of the memory states, without RoPE. Path weights
     are a softmax of learned logits over the paths that are on: one set per head
     (``fusion="head"``) or one per layer (``fusion="scalar"``). ``init_slots=K > 0``: a row with
-    an empty memory reads and writes K learned slots ``memory_init`` (K, d_model) instead (see the
-    module docstring).
+    an empty memory reads K learned slots ``memory_init`` (K, d_model) instead (see the module
+    docstring).
     """
 
     def __init__(self, d_model, n_heads, n_kv_heads=None, chunk_size=64, memory_slots=64,
@@ -225,8 +224,8 @@ class HybridAttention(nn.Module):
                 torch.zeros(batch_size, dtype=torch.long, device=device))
 
     def fill_empty(self, memory, mem_len):
-        """(memory, mem_len) as the layer reads and writes them: with ``init_slots`` = K > 0, rows
-        with mem_len 0 get the learned slots right-aligned and mem_len K; otherwise unchanged."""
+        """(memory, mem_len) as the memory path reads them: with ``init_slots`` = K > 0, rows with
+        mem_len 0 get the learned slots right-aligned and mem_len K; otherwise unchanged."""
         if self.init_slots == 0:
             return memory, mem_len
         empty = mem_len == 0
@@ -265,15 +264,15 @@ class HybridAttention(nn.Module):
         q = self._heads(self.q_proj(x), self.n_heads)
         k = self._heads(self.k_proj(x), self.n_kv_heads)
         v = self._heads(self.v_proj(x), self.n_kv_heads)
-        mem_k = mem_v = mem_len = None
+        mem_k = mem_v = read_len = None
         if self.memory_slots > 0:
             memory, mem_len = state if state is not None else self.init_state(B, x.device, x.dtype)
             if memory.shape != (B, self.memory_slots, self.d_model):
                 raise ValueError(f"memory state must have shape (B, S, d) = ({B}, {self.memory_slots}, "
                                  f"{self.d_model}), got {tuple(memory.shape)}")
-            memory, mem_len = self.fill_empty(memory, mem_len)
-            mem_k, mem_v = self._memory_kv(memory, x.dtype)
-        y = self._attend(q, k, v, mem_k, mem_v, mem_len)
+            read, read_len = self.fill_empty(memory, mem_len)
+            mem_k, mem_v = self._memory_kv(read, x.dtype)
+        y = self._attend(q, k, v, mem_k, mem_v, read_len)
         if self.memory_slots == 0:
             return y, None
         return y, self._write_memory(memory, mem_len, x)
@@ -338,8 +337,7 @@ class _LayerCache:
     def write_memory(self):
         """End of segment: write the cached segment into the memory, empty the cache."""
         if self.memory is not None:
-            memory, mem_len = self.attn.fill_empty(self.memory, self.mem_len)
-            self._set_memory(*self.attn._write_memory(memory, mem_len, self.x[:, :self.length]))
+            self._set_memory(*self.attn._write_memory(self.memory, self.mem_len, self.x[:, :self.length]))
         self.length = 0
 
     def layer_state(self):
