@@ -413,7 +413,8 @@ def plot_heatmaps(results: dict, path: str) -> None:
     ds, ps, kinds = meta["distances"], meta["pairs"], meta["fillers"]
     names = list(models)
     cols = 1 + len(names)
-    fig, axes = plt.subplots(len(kinds), cols, figsize=(3.2 * cols + 1, 2.6 * len(kinds) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(kinds), cols, figsize=(3.2 * cols + 1, 3.2 * len(kinds) + 0.6), squeeze=False)
+    fig.subplots_adjust(hspace=0.55, wspace=0.4, left=0.08, right=0.86)
     for row, kind in enumerate(kinds):
         grids = [np.array([[models[n]["passkey"][kind][str(d)] for d in ds] for n in names])]
         titles = [f"passkey ({kind} filler)"]
@@ -433,7 +434,7 @@ def plot_heatmaps(results: dict, path: str) -> None:
             for (i, j), v in np.ndenumerate(g):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
                         color="white" if v < 0.5 else "black")
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
+    fig.colorbar(im, cax=fig.add_axes((0.89, 0.15, 0.012, 0.7)), label="accuracy")
     fig.suptitle(f"long-range recall (chance {meta['chance']:.3f})")
     fig.savefig(path, dpi=110)
     plt.close(fig)
