@@ -7,9 +7,10 @@ kv_start, kv_end int32 (B,) or None; cu_seqlens_q, cu_seqlens_k int32 (N+1,) or 
 B = 1 and Bm = N, and max_seqlen_q / max_seqlen_k ints).
 
 Rows. The grids' second axis runs over the R rows: the B batch rows, or the N packed documents.
-The per-row key ranges, document bounds and start positions are read by the kernels from the
-device tensors (no host sync, no .item()); the kernels skip the key tiles without a valid key
-and, for documents, the blocks past the document's length. With none of them (kv ranges None,
+The per-row key ranges and document bounds, and the chunk phases that the wrapper derives from
+the start positions on the device, are read by the kernels from device tensors (no host sync,
+no .item()); the kernels skip the key tiles without a valid key and, for documents, the blocks
+past the document's length. With none of them (kv ranges None,
 not packed, start_pos an int) the kernels compile without that code (the RANGES and PACKED
 constexprs off): the v1 code path. A start_pos tensor alone runs the ranged code with the full
 range (0, Tk).
@@ -91,15 +92,18 @@ BACKWARD_KINDS = KERNEL_KINDS[1:]
 # at D = 256 has no entries, in any dtype, and goes to the torch backend (unsupported_reason):
 # its dq and dk/dv kernels spill at every configuration tried (fp16: 16 x 16 to 32 x 32 tiles,
 # 2-16 warps, 1-2 stages; at best 8 bytes, or spill-free under one Triton version only).
+# Re-swept when the kernels gained the per-row range and document code (compiled in every
+# variant): fp16/bf16 preprocess at D = 64 (4 -> 8 warps), fp32 preprocess and dq at D = 32
+# (1 -> 2 stages) spilled 8-24 bytes under one of the two Triton versions.
 _GPU_CONFIGS = {
     ("fwd", 2): {32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
-    ("bwd_preprocess", 2): {32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 16, 8, 2)},
+    ("bwd_preprocess", 2): {32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (32, 16, 8, 2)},
     ("bwd_dq", 2): {32: (64, 32, 4, 2), 64: (16, 32, 4, 1), 128: (32, 32, 8, 2)},
     ("bwd_dkdv", 2): {32: (32, 32, 4, 2), 64: (32, 16, 8, 1), 128: (16, 16, 8, 1)},
     ("bwd_dmem", 2): {32: (32, 32, 4, 1), 64: (32, 32, 8, 2), 128: (32, 32, 8, 1)},
     ("fwd", 4): {32: (16, 16, 4, 1), 64: (16, 16, 8, 1), 128: (16, 16, 4, 1), 256: (16, 16, 8, 1)},
-    ("bwd_preprocess", 4): {32: (16, 16, 4, 1), 64: (16, 16, 8, 2), 128: (16, 16, 16, 2)},
-    ("bwd_dq", 4): {32: (16, 16, 8, 1), 64: (16, 16, 8, 1), 128: (16, 16, 16, 2)},
+    ("bwd_preprocess", 4): {32: (16, 16, 4, 2), 64: (16, 16, 8, 2), 128: (16, 16, 16, 2)},
+    ("bwd_dq", 4): {32: (16, 16, 8, 2), 64: (16, 16, 8, 1), 128: (16, 16, 16, 2)},
     ("bwd_dkdv", 4): {32: (16, 16, 4, 2), 64: (16, 16, 8, 1), 128: (32, 32, 16, 1)},
     ("bwd_dmem", 4): {32: (16, 16, 4, 1), 64: (16, 16, 2, 1), 128: (16, 16, 8, 1)},
 }
@@ -191,7 +195,7 @@ def unsupported_reason(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, u
     packed = cu_seqlens_q is not None
     rows = cu_seqlens_q.shape[0] - 1 if packed else q.shape[0]
     if max(rows, q.shape[1]) > 65535:
-        return "B (or the number of documents) or H > 65535 exceeds the CUDA grid's second axis"
+        return "B (or documents) or H > 65535 exceeds the CUDA grid's second or third axis"
     if not _wide(start_pos, kv_start, cu_seqlens_q) and start_pos + k.shape[2] >= 2 ** 31:
         return "positions start_pos .. start_pos + Tk must fit in int32"
     return None
@@ -290,7 +294,8 @@ def _row_args(q, k, chunk_size, start_pos, kv_start, kv_end, cu_q, cu_k, max_sq,
     return dict(
         ptrs=(i32c(kv_start if ranges else None), i32c(kv_end if ranges else None),
               i32c(cu_q), i32c(cu_k), i32c(phases)),
-        ints=(_kernel_chunk(chunk_size, Tk), 0 if wide else _kernel_phase(start_pos, chunk_size, Tk),
+        ints=(_kernel_chunk(chunk_size, Tk),
+              0 if wide else _kernel_phase(int(start_pos), chunk_size, Tk),
               0 if wide else int(start_pos)),
         flags=dict(RANGES=ranges, PACKED=packed), R=R,
         nq=Tq if not packed or max_sq is None else int(max_sq),
