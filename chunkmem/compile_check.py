@@ -600,7 +600,19 @@ def cost_main(args) -> int:
     args.arch = args.arch or [90]
     jobs = _cost_jobs(args)
     t0 = time.time()
-    rows = _run(_cost_one, jobs, args.jobs)
+    # A fresh Triton cache: the loops are attributed through the SASS line table, whose file
+    # paths are those of the compile that filled the cache (Triton keys it by source hash, not
+    # path), so a kernel compiled earlier from another checkout would attribute no loop.
+    with tempfile.TemporaryDirectory(prefix="chunkmem-cost-cache-") as cache:
+        saved = os.environ.get("TRITON_CACHE_DIR")
+        os.environ["TRITON_CACHE_DIR"] = cache
+        try:
+            rows = _run(_cost_one, jobs, args.jobs)
+        finally:
+            if saved is None:
+                os.environ.pop("TRITON_CACHE_DIR")
+            else:
+                os.environ["TRITON_CACHE_DIR"] = saved
     _add_yardstick_multiples(rows)
     meta = dict(arch=args.arch, dtype=args.dtype, head_dim=args.head_dim,
                 flag_sets=[f.strip() for f in args.flags.split(",") if f.strip()],
