@@ -26,7 +26,9 @@ Launches:
   2. dq, grid (cdiv(Tq, BLOCK_M), R, H), all paths, plus DW of the remaining ("derived") path;
   3. dk/dv, grid (cdiv(Tk, BLOCK_N), R, G) (max_seqlen_k when packed), looping over the H/G
      query heads of the group;
-  4. dmem_k/dmem_v, grid (cdiv(S, BLOCK_N), R, G), likewise.
+  4. dmem_k/dmem_v, grid (cdiv(S, BLOCK_N) * n_split, R, G): each program takes one of n_split
+     contiguous ranges of query blocks (_dmem_split: about 264 programs when rows are long) and
+     writes fp32 partials that are summed in a fixed order (deterministic).
   dweights[h, p] = sum_{b,i} DW[b, h, p, i] (a small torch reduction of the (B, H, 3, Tq) DW).
 
 Entry points: ``hybrid_attention_triton`` (autograd); ``hybrid_attention_triton_forward`` and
@@ -105,7 +107,7 @@ _GPU_CONFIGS = {
     ("bwd_preprocess", 4): {32: (16, 16, 4, 2), 64: (16, 16, 8, 2), 128: (16, 16, 16, 2)},
     ("bwd_dq", 4): {32: (16, 16, 8, 2), 64: (16, 16, 8, 1), 128: (16, 16, 16, 2)},
     ("bwd_dkdv", 4): {32: (16, 16, 4, 2), 64: (16, 16, 8, 1), 128: (32, 32, 16, 1)},
-    ("bwd_dmem", 4): {32: (16, 16, 4, 1), 64: (16, 16, 2, 1), 128: (16, 16, 8, 1)},
+    ("bwd_dmem", 4): {32: (16, 16, 8, 1), 64: (16, 16, 2, 1), 128: (16, 16, 8, 1)},
 }
 
 
@@ -393,6 +395,22 @@ class _HybridAttentionFn(torch.autograd.Function):
         return (*grads, None) + (None,) * 11
 
 
+# Programs the dmem kernel aims for: two per SM of an H100/H200 (132 SMs).
+_DMEM_TARGET_PROGRAMS = 264
+
+
+def _dmem_split(q, S: int, n_queries: int, rows_x_groups: int) -> tuple:
+    """(n_split, padded slot count) of the dmem launch: its grid is (cdiv(S, BLOCK_N) * n_split,
+    rows, G), each program taking one of n_split contiguous ranges of (at least two) query
+    blocks, so that B * G * slot blocks programs too few for the GPU (8 at B=1, G=8, S=64) become
+    about _DMEM_TARGET_PROGRAMS when the rows are long."""
+    cfg = block_config("bwd_dmem", q.dtype, q.shape[-1], arch=_arch(q))
+    slot_blocks = triton_cdiv(S, cfg["BLOCK_N"])
+    wanted = triton_cdiv(_DMEM_TARGET_PROGRAMS, slot_blocks * rows_x_groups)
+    n_split = max(1, min(wanted, triton_cdiv(n_queries, cfg["BLOCK_M"]) // 2))
+    return n_split, slot_blocks * cfg["BLOCK_N"]
+
+
 def _meta(mem_k, chunk_size, use_global, rope_base, start_pos, scale, max_sq, max_sk, **rows):
     """The forward's non-tensor arguments for _backward_impl (rows: kv_start, kv_end, cu_q,
     cu_k)."""
@@ -461,9 +479,14 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, m, n
                 q, k, v, dout, w, rope_step, lse, di, dk, dv, *ptrs,
                 H, G, Tq, Tk, *ra["ints"], qk_scale, m["scale"], **flags)
     if run_dmem:
-        _launch(hybrid_attention_bwd_dmem_kernel, "bwd_dmem", q, S, R, G,
-                q, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, dmk, dmv, *ptrs,
-                H, G, Tq, Tk, S, qk_scale, m["scale"], **ra["flags"])
+        n_split, n_slots = _dmem_split(q, S, ra["nq"], R * G)
+        part_k = torch.empty((n_split,) + tuple(mem_k.shape), dtype=torch.float32, device=q.device)
+        part_v = torch.empty_like(part_k)
+        _launch(hybrid_attention_bwd_dmem_kernel, "bwd_dmem", q, n_slots * n_split, R, G,
+                q, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, part_k, part_v, *ptrs,
+                H, G, Tq, Tk, S, n_split, qk_scale, m["scale"], **ra["flags"])
+        dmk.copy_(part_k.sum(0))  # a fixed-order reduction over the query splits
+        dmv.copy_(part_v.sum(0))
     dw = dw_rows.sum(dim=(0, 3)).to(weights.dtype) if need[5] else None  # (H, 3)
     return dq, dk, dv, dmk, dmv, dw
 
@@ -485,10 +508,10 @@ def hybrid_attention_triton(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_si
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time compile variants (used by `python -m chunkmem.compile_check`)
 # ----------------------------------------------------------------------------------------------
-_FP32_PTRS = {"W", "LSE", "DI", "DW"}
+_FP32_PTRS = {"W", "LSE", "DI", "DW", "DMK", "DMV"}
 _I32_PTRS = {"MEMLEN", "KV_START", "KV_END", "CU_Q", "CU_K", "PHASE"}
 _I64_PTRS = {"ROPE_STEP"}
-_I32_ARGS = {"H", "G", "Tq", "Tk", "S", "chunk_size", "chunk_phase", "start_pos"}
+_I32_ARGS = {"n_split", "H", "G", "Tq", "Tk", "S", "chunk_size", "chunk_phase", "start_pos"}
 _F32_ARGS = {"qk_scale", "scale"}
 
 

@@ -844,16 +844,21 @@ def hybrid_attention_bwd_dkdv_kernel(
 @triton.jit
 def hybrid_attention_bwd_dmem_kernel(
     Q, MK, MV, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DMK, DMV, KV_START, KV_END, CU_Q, CU_K, PHASE,
-    H, G, Tq, Tk, S, qk_scale, scale,
+    H, G, Tq, Tk, S, n_split, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     RANGES: tl.constexpr, PACKED: tl.constexpr, KEY_MAJOR: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """One program per (slot block, row or document, g): dmem_k, dmem_v over all the row's
-    queries of the group's heads (every query but a padding one sees every valid slot).
-    Blocks of invalid slots get zeros."""
+    """One program per (slot block x query split, row or document, g): the partial dmem_k,
+    dmem_v of the split-th of n_split contiguous ranges of the row's query blocks, over the
+    group's heads (every query but a padding one sees every valid slot), stored in fp32 at
+    DMK/DMV[split] of (n_split, rows, G, S, D) buffers that the wrapper sums in a fixed order
+    (deterministic). Splitting the queries keeps the grid wide when B * G * S is small and Tq
+    long. Blocks of invalid slots get zeros."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    n0 = tl.program_id(0) * BLOCK_N
+    n_slot_blocks = tl.cdiv(S, BLOCK_N)
+    split = tl.program_id(0) // n_slot_blocks
+    n0 = (tl.program_id(0) - split * n_slot_blocks) * BLOCK_N
     r = tl.program_id(1)
     g = tl.program_id(2)
     b, q0, nq, _k0, k_lo, _k_hi, off, _shift, _phase = _row_geometry(
@@ -873,9 +878,13 @@ def hybrid_attention_bwd_dmem_kernel(
     if RANGES:
         lo = (tl.maximum(q_lo, 0) // BLOCK_M) * BLOCK_M
     hi = tl.where(n0 + BLOCK_N > first, nq, lo)
+    part = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M), n_split) * BLOCK_M
+    lo = lo + split * part
+    hi = tl.maximum(tl.minimum(hi, lo + part), lo)
     dk1, dk2, dv = _bwd_kv_loop(
         dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, H // G,
         ROPE_STEP, Tq, q0, nq, 0, S, first, q_lo, 1, 0, 0, qk_scale, lo, lo, hi, 2, 2,
         HALF, HEAD_DIM, BLOCK_M, True, False, True, False, KEY_MAJOR, RANGES, DOT_PREC)
-    _store_halves(DMK + kv_off, cols, col_ok, dk1 * scale, dk2 * scale, HALF, HEAD_DIM)
-    _store_rows(DMV + kv_off, cols, col_ok, dv, HEAD_DIM)
+    part_off = split.to(tl.int64) * tl.num_programs(1) * G * S * HEAD_DIM + kv_off
+    _store_halves(DMK + part_off, cols, col_ok, dk1 * scale, dk2 * scale, HALF, HEAD_DIM)
+    _store_rows(DMV + part_off, cols, col_ok, dv, HEAD_DIM)

@@ -130,6 +130,9 @@ CASES = {
     "memory_only_s1024_f16": (F16, 2, 2, 2, 3, 3, 32, 1024, (1000, 17), None, False, None, 0),
     "memory_all_empty_f32": (F32, 2, 2, 1, 17, 17, 32, 4, (0, 0), 4, True, None, 0),
     "memory_one_slot_f16": (F16, 2, 2, 1, 17, 20, 32, 1, (1, 0), 6, False, 10000.0, 0),
+    # dmem splits the query blocks over programs (2 and 3 splits, the last one short)
+    "memory_query_split_f32": (F32, 1, 2, 1, 70, 70, 32, 6, (5,), 9, False, 10000.0, 0),
+    "memory_query_split_gqa_f16": (F16, 1, 4, 2, 100, 100, 32, 5, (5,), None, True, None, 0),
     # RoPE angles are exact fixed point in the kernel: far positions stay as accurate as near ones
     "far_positions_f32": (F32, 1, 2, 1, 20, 26, 64, 3, (2,), 6, True, 10000.0, 10 ** 6),
     "int32_limit_positions_f32": (F32, 1, 2, 2, 9, 9, 32, 0, None, 4, True, 500000.0, 2 ** 31 - 10),
