@@ -1,20 +1,19 @@
-"""Train one model of a ``chunkmem.train`` preset with options the preset has no field for yet:
+"""Train one model of a ``chunkmem.train`` preset with a data option the preset has no field for:
 
-- ``--init-slots K``: ChunkMemLM with a learned initial memory of K slots per layer
-  (``HybridAttention(init_slots=K)``; the memory model only);
-- ``--recall-carry``: recall rows do not empty their memory when a new recall document starts
-  (it carries the previous documents' memory), so in training an empty memory occurs only at the
-  start of a text file (and at step 0);
 - ``--text-piece-segments K``: each stdlib training file is cut at line ends into pieces of at
   most K segments, each read as its own document (memory emptied at its start), so text starts
   are more common in training.
 
-Everything else (data, schedule, evaluation, checkpoint layout) is the preset's. Writes
-``<out-dir>/<preset>/<name>/ckpt.pt`` (a chunkmem training checkpoint: ``chunkmem.training.longrange``
-recognizes the learned initial memory from its weights) and ``summary.json`` with the final
-evaluation on the whole held-out set.
+The learned initial memory and the memory resets are config fields now
+(``python -m chunkmem.train train --init-slots K --recall-carry --text-reset-prob P``); this
+script passes the same options through (``--init-slots``, ``--recall-carry``,
+``--text-reset-prob``) so a variant can combine them with text pieces.
 
-    python bench/train_variant.py --model memory --init-slots 32 --seed 0 --out-dir runs_v2/s0
+Everything else (data, schedule, evaluation, checkpoint layout) is the preset's. Writes
+``<out-dir>/<preset>/<name>/ckpt.pt`` (a chunkmem training checkpoint) and ``summary.json`` with
+the final evaluation on the whole held-out set.
+
+    python bench/train_variant.py --model memory --text-piece-segments 64 --seed 0 --out-dir runs_v2/s0
 """
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from chunkmem.training import loop as loop_module  # noqa: E402
 from chunkmem.training.config import make_config  # noqa: E402
 from chunkmem.training.data import Document, stdlib_documents  # noqa: E402
-from chunkmem.training.longrange import build_model_with_init  # noqa: E402
 from chunkmem.training.run import final_eval  # noqa: E402
 
 
@@ -67,36 +65,29 @@ def main(argv=None):
     p.add_argument("--recall-rows", type=int, default=None)
     p.add_argument("--init-slots", type=int, default=0)
     p.add_argument("--recall-carry", action="store_true")
+    p.add_argument("--text-reset-prob", type=float, default=0.0)
     p.add_argument("--text-piece-segments", type=int, default=0)
     p.add_argument("--name", default=None, help="run folder name (default: derived from the options)")
     p.add_argument("--out-dir", default="runs_v2")
     args = p.parse_args(argv)
 
+    if args.init_slots and args.model != "memory":
+        raise SystemExit("--init-slots needs --model memory")
     cfg = make_config(args.preset, model=args.model, seed=args.seed, steps=args.steps, threads=1,
-                      text_rows=args.text_rows, recall_rows=args.recall_rows, out_dir=args.out_dir)
+                      text_rows=args.text_rows, recall_rows=args.recall_rows, out_dir=args.out_dir,
+                      init_slots=args.init_slots, recall_carry=args.recall_carry,
+                      text_reset_prob=args.text_reset_prob)
     name = args.name or "-".join([args.model] + ([f"init{args.init_slots}"] if args.init_slots else [])
                                  + (["carry"] if args.recall_carry else [])
+                                 + ([f"reset{args.text_reset_prob:g}"] if args.text_reset_prob else [])
                                  + ([f"pieces{args.text_piece_segments}"] if args.text_piece_segments else []))
     run_dir = os.path.join(args.out_dir, args.preset, name)
     os.makedirs(run_dir, exist_ok=True)
-    if args.init_slots:
-        if args.model != "memory":
-            raise SystemExit("--init-slots needs --model memory")
-        loop_module.build_model = lambda c: build_model_with_init(c, args.init_slots)
     train_docs = stdlib_documents("train", val_fraction=cfg.val_fraction)
     if args.text_piece_segments:
         train_docs = text_pieces(train_docs, args.text_piece_segments * cfg.segment_len)
     val_docs = stdlib_documents("val", val_fraction=cfg.val_fraction)
     trainer = loop_module.Trainer(cfg, train_docs=train_docs)
-    if args.recall_carry and "recall" in trainer.streams:
-        stream = trainer.streams["recall"]
-        inner = stream.next_window
-
-        def next_window(n_seg):
-            x, y, m, reset = inner(n_seg)
-            return x, y, m, np.zeros_like(reset)
-
-        stream.next_window = next_window
     t0 = time.time()
     while trainer.step_count < cfg.steps:
         row = trainer.step()

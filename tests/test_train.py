@@ -242,3 +242,134 @@ def test_run_segments_equals_one_long_forward():
     ref, _ = model(tok)
     out, _ = run_segments(model, tok.view(2, 3, 8))
     torch.testing.assert_close(out.reshape(2, 24, 256), ref, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------- where the memory is emptied in training
+
+def _short_docs(n=5, length=40):
+    rng = np.random.default_rng(0)
+    return [data.Document(rng.integers(97, 123, size=length), np.array([False] + [True] * (length - 1)),
+                          name=f"short{i}") for i in range(n)]
+
+
+def _mem_len(trainer, rows):
+    return [trainer.state.layers[i][1][rows].tolist() for i in range(len(trainer.state.layers))]
+
+
+@pytest.mark.parametrize("carry", [False, True])
+def test_recall_carry_keeps_recall_memory_across_documents_but_not_text(carry):
+    # tiny: 4 memory slots per 16-token segment; 64 slots hold 16 segments, recall documents are
+    # 5 segments (one per step), the 40-byte text documents 3 segments
+    cfg = make_config("tiny", memory_slots=64, recall_carry=carry, steps=3)
+    tr = Trainer(cfg, train_docs=_short_docs())
+    for _ in range(3):
+        tr.step()
+    text, recall = slice(0, cfg.text_rows), slice(cfg.text_rows, None)
+    # 15 segments read: text rows are in the 3rd segment of a document (emptied at each file start)
+    assert _mem_len(tr, text) == [[12] * cfg.text_rows] * cfg.n_layers
+    # recall rows: one document per step; with carry the memory holds all 15 segments' summaries
+    want = 60 if carry else 20
+    assert _mem_len(tr, recall) == [[want] * cfg.recall_rows] * cfg.n_layers
+    # the recall stream still marks its document starts; only the batch's reset flags drop them
+    assert tr.streams["recall"].next_window(5)[3][:, 0].all()
+    *_, reset, is_text = tr._next_batch()
+    assert bool(reset[~is_text].any()) is (not carry)
+
+
+def test_text_reset_prob_empties_mid_file_segments_deterministically(train_docs):
+    s = text_stream(train_docs, n_rows=4, segment_len=16, seed=3, reset_prob=0.25)
+    flags = np.concatenate([s.next_window(10)[3] for _ in range(20)], axis=1)
+    plain = text_stream(train_docs, n_rows=4, segment_len=16, seed=3)
+    starts = np.concatenate([plain.next_window(10)[3] for _ in range(20)], axis=1)
+    assert flags[starts].all()  # every file start still empties the memory
+    extra = flags & ~starts
+    assert 0.15 < extra.sum() / (~starts).sum() < 0.35, extra.mean()
+    # a function of the position only: the same for a process reading row 2 alone, and after resuming
+    one = text_stream(train_docs, n_rows=4, segment_len=16, seed=3, rows=[2], reset_prob=0.25)
+    part = np.concatenate([one.next_window(10)[3] for _ in range(10)], axis=1)
+    sd = one.state_dict()
+    rest = text_stream(train_docs, n_rows=4, segment_len=16, seed=3, rows=[2], reset_prob=0.25)
+    rest.load_state_dict(sd)
+    part = np.concatenate([part] + [rest.next_window(10)[3] for _ in range(10)], axis=1)
+    np.testing.assert_array_equal(part[0], flags[2])
+    with pytest.raises(ValueError):
+        text_stream(train_docs, n_rows=4, segment_len=16, seed=3, reset_prob=1.0)
+
+
+def test_text_reset_prob_empties_the_trainers_memory(train_docs):
+    cfg = make_config("tiny", memory_slots=64, recall_rows=0, text_rows=4, text_reset_prob=0.3, steps=4)
+    tr = Trainer(cfg, train_docs=train_docs)
+    seen = []
+    inner = tr.streams["text"].next_window
+
+    def spy(n_seg):
+        out = inner(n_seg)
+        seen.append(out[3])
+        return out
+
+    tr.streams["text"].next_window = spy
+    for _ in range(4):
+        tr.step()
+    flags = np.concatenate(seen, axis=1)  # (rows, 20)
+    plain = text_stream(train_docs, 4, cfg.segment_len, cfg.seed)
+    starts = np.concatenate([plain.next_window(5)[3] for _ in range(4)], axis=1)
+    assert (flags & ~starts).any() and flags[starts].all()  # file starts and some mid-file resets
+    last = np.array([np.flatnonzero(f)[-1] if f.any() else -1 for f in flags])
+    want = np.minimum(4 * (flags.shape[1] - np.maximum(last, 0)), 64)
+    for layer in tr.state.layers:
+        assert layer[1].tolist() == want.tolist()
+
+
+def test_init_slots_round_trips_through_a_checkpoint(tmp_path, train_docs):
+    from chunkmem.training.checkpoint import CheckpointError
+    from chunkmem.training.longrange import load_checkpoint_model
+
+    cfg = make_config("tiny", init_slots=4, recall_carry=True, text_reset_prob=0.1, steps=2)
+    tr = Trainer(cfg, train_docs=train_docs)
+    assert tr.module.blocks[0].attn.init_slots == 4
+    for _ in range(2):
+        tr.step()
+    path = str(tmp_path / "ckpt.pt")
+    tr.save(path)
+    model, got, init = load_checkpoint_model(path)
+    assert init == 4 and got.init_slots == 4 and got.recall_carry and got.text_reset_prob == 0.1
+    for a, b in zip(model.blocks, tr.module.blocks):
+        assert torch.equal(a.attn.memory_init, b.attn.memory_init)
+    again = Trainer(cfg, train_docs=train_docs)
+    again.load(path)
+    assert torch.equal(again.module.blocks[1].attn.memory_init, tr.module.blocks[1].attn.memory_init)
+    for other in (dict(init_slots=0), dict(recall_carry=False), dict(text_reset_prob=0.0)):
+        with pytest.raises(CheckpointError, match=next(iter(other))):
+            Trainer(make_config("tiny", **{**dict(init_slots=4, recall_carry=True, text_reset_prob=0.1), **other}),
+                    train_docs=train_docs).load(path)
+    # other models ignore the option; impossible values are refused
+    assert make_config("tiny", model="nomem", init_slots=4).init_slots == 0
+    for bad in (dict(init_slots=99), dict(init_slots=-1), dict(text_reset_prob=1.0)):
+        with pytest.raises(ValueError):
+            make_config("tiny", **bad)
+
+
+def test_checkpoint_without_the_new_fields_loads_with_their_defaults(tmp_path, train_docs):
+    from chunkmem.training.longrange import load_checkpoint_model
+
+    cfg = make_config("tiny", steps=1)
+    tr = Trainer(cfg, train_docs=train_docs)
+    tr.step()
+    path = str(tmp_path / "ckpt.pt")
+    tr.save(path)
+    ckpt = torch.load(path, weights_only=False)
+    for k in ("init_slots", "recall_carry", "text_reset_prob"):
+        del ckpt["config"][k]
+    torch.save(ckpt, path)
+    Trainer(cfg, train_docs=train_docs).load(path)  # resumes: the missing fields are the defaults
+    _, got, init = load_checkpoint_model(path)
+    assert (init, got.init_slots, got.recall_carry, got.text_reset_prob) == (0, 0, False, 0.0)
+
+
+def test_cli_passes_the_memory_options(tmp_path):
+    from chunkmem.training.cli import main
+
+    main(["train", "--preset", "tiny", "--steps", "1", "--init-slots", "2", "--recall-carry",
+          "--text-reset-prob", "0.05", "--out-dir", str(tmp_path), "--no-progress"])
+    saved = torch.load(str(tmp_path / "tiny" / "memory" / "ckpt.pt"), weights_only=False)["config"]
+    assert (saved["init_slots"], saved["recall_carry"], saved["text_reset_prob"]) == (2, True, 0.05)

@@ -138,6 +138,9 @@ def read_checkpoint(path: str) -> tuple[dict, str | None]:
 def check_config(saved: dict, cfg, path: str) -> None:
     """Raise CheckpointError listing every model/data field where ``saved`` differs from ``cfg``."""
     now = dataclasses.asdict(cfg)
+    # a field the checkpoint lacks (written before it existed) has its default value
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    saved = {**{k: defaults[k] for k in ARCH_KEYS + DATA_KEYS if k not in saved}, **saved}
 
     def norm(v):
         return list(v) if isinstance(v, (list, tuple)) else v

@@ -81,6 +81,15 @@ def _add_run_options(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     g.add_argument("--recall-rows", dest="recall_rows", type=int, default=None,
                    help="recall rows of the global batch (divisible by the number of processes)")
     g.add_argument("--out-dir", dest="out_dir", default=None, help="root of the run directories (default runs/)")
+    g.add_argument("--init-slots", dest="init_slots", type=int, default=None, metavar="K",
+                   help="memory model: K learned initial memory slots per layer, read where the memory is "
+                        "empty (default 0: an empty memory contributes nothing; other models ignore it)")
+    g.add_argument("--recall-carry", dest="recall_carry", action="store_true", default=None,
+                   help="recall rows keep their memory across recall documents (default: emptied at each), "
+                        "so in training an empty memory does not mark a recall document")
+    g.add_argument("--text-reset-prob", dest="text_reset_prob", type=float, default=None, metavar="P",
+                   help="also empty a text row's memory before a mid-file segment with probability P "
+                        "(default 0: only at file starts)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = p.add_argument_group("parallelism and checkpoints")
     d.add_argument("--fsdp", action="store_true",
@@ -169,7 +178,8 @@ def main(argv=None) -> int:
     from chunkmem.training.run import compare, final_eval, latest_checkpoint, train_run
 
     overrides = {k: getattr(args, k) for k in ("steps", "lr", "seed", "threads", "device", "out_dir",
-                                               "text_rows", "recall_rows")}
+                                               "text_rows", "recall_rows", "init_slots", "recall_carry",
+                                               "text_reset_prob")}
     progress = not args.no_progress
     parallel = "fsdp" if args.fsdp else "ddp"
     ctx = init_distributed(args.device or "auto")

@@ -11,7 +11,7 @@ from chunkmem.baselines import CausalTransformer
 from chunkmem.nn import ChunkMemLM
 from chunkmem.training.data import VOCAB_SIZE, RecallSpec
 
-__all__ = ["TrainConfig", "PRESETS", "PRESET_NOTES", "MODELS", "ARCH_KEYS", "DATA_KEYS", "make_config",
+__all__ = ["TrainConfig", "PRESETS", "PRESET_NOTES", "MODELS", "ARCH_KEYS", "DATA_KEYS", "make_config", "check_options",
            "resolve_device", "build_model", "config_from_dict"]
 
 MODELS = ("memory", "nomem", "transformer")
@@ -34,6 +34,7 @@ class TrainConfig:
     fusion: str = "head"
     rope_base: float = 10000.0
     segment_len: int = 32
+    init_slots: int = 0  # memory model only: learned initial memory slots per layer (0: empty memory)
     # data (the global batch: text_rows + recall_rows rows, split evenly across processes)
     n_seg: int = 5  # segments per training step (backprop spans them; memory carried beyond)
     text_rows: int = 16
@@ -45,6 +46,9 @@ class TrainConfig:
     recall_values: int = 32
     recall_filler: int = 1
     val_fraction: float = 0.05
+    # where a row's memory is emptied in training (always before a document's first segment, except:)
+    recall_carry: bool = False  # recall rows keep their memory across recall documents
+    text_reset_prob: float = 0.0  # a text row's memory is also emptied before a mid-file segment with this probability
     # optimization
     steps: int = 2000
     lr: float = 3e-3
@@ -79,11 +83,13 @@ class TrainConfig:
 
 # Fields a checkpoint must agree on to be resumed: the model's shape (ARCH_KEYS) and what the data
 # streams and the carried memory are made of (DATA_KEYS). Steps, learning rate, evaluation and
-# checkpoint intervals, threads and device may change between the runs of one training.
+# checkpoint intervals, threads and device may change between the runs of one training. A
+# checkpoint written before a field existed is read with the field's default (init_slots 0,
+# recall_carry False, text_reset_prob 0: what those runs did).
 ARCH_KEYS = ("model", "d_model", "n_layers", "n_heads", "n_kv_heads", "chunk_size", "memory_slots",
-             "memory_pool", "use_global", "fusion", "rope_base", "segment_len")
+             "memory_pool", "use_global", "fusion", "rope_base", "segment_len", "init_slots")
 DATA_KEYS = ("text_rows", "recall_rows", "recall_pairs", "recall_distances", "recall_keys",
-             "recall_values", "recall_filler", "val_fraction", "seed")
+             "recall_values", "recall_filler", "val_fraction", "recall_carry", "text_reset_prob", "seed")
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=32, n_layers=2, n_heads=2, chunk_size=8, segment_len=16, memory_pool=4,
@@ -139,7 +145,21 @@ def make_config(preset: str, **overrides) -> TrainConfig:
     cfg = TrainConfig(**kw)
     if cfg.model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {cfg.model!r}")
+    if cfg.model != "memory":
+        cfg.init_slots = 0  # no memory to initialize (compare passes the same options to every model)
+    check_options(cfg)
     return cfg
+
+
+def check_options(cfg: TrainConfig) -> None:
+    """ValueError for an impossible value of the memory initialization / reset options."""
+    if isinstance(cfg.init_slots, bool) or not isinstance(cfg.init_slots, int) or cfg.init_slots < 0:
+        raise ValueError(f"init_slots must be an int >= 0, got {cfg.init_slots!r}")
+    if cfg.init_slots and (cfg.model != "memory" or cfg.init_slots > cfg.memory_slots):
+        raise ValueError(f"init_slots needs the memory model and at most memory_slots={cfg.memory_slots} "
+                         f"slots, got {cfg.init_slots} ({cfg.model})")
+    if not 0.0 <= cfg.text_reset_prob < 1.0:
+        raise ValueError(f"text_reset_prob must be in [0, 1), got {cfg.text_reset_prob}")
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -157,4 +177,5 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
                       chunk_size=cfg.chunk_size,
                       memory_slots=cfg.memory_slots if cfg.model == "memory" else 0,
                       memory_pool=cfg.memory_pool, use_global=cfg.use_global, rope_base=cfg.rope_base,
-                      fusion=cfg.fusion, segment_len=cfg.segment_len)
+                      fusion=cfg.fusion, segment_len=cfg.segment_len,
+                      init_slots=cfg.init_slots if cfg.model == "memory" else 0)

@@ -19,7 +19,8 @@ its value, the only scored tokens.
 
 Streams (:class:`DocStream`): ``n_rows`` independent rows, each reading its own deterministic
 sequence of documents; ``next_window(n_seg)`` returns the next ``n_seg`` segments of every row plus a
-per-segment flag telling where a new document starts. The stream position is a small dict
+per-segment flag telling where the row's memory must be emptied (a new document starts, or,
+optionally, at random mid-file text segments: ``text_stream(reset_prob=...)``). The stream position is a small dict
 (:meth:`DocStream.state_dict`) saved in checkpoints. A stream may read a subset of its rows (one
 process's share of a data-parallel run).
 """
@@ -247,16 +248,21 @@ class DocStream:
 
     ``rows`` (default: all of ``range(n_rows)``) are the rows this stream reads: a process of a
     data-parallel run reads its own disjoint slice of the rows (:mod:`chunkmem.training.sharding`),
-    so the processes together read exactly what one process reading every row would."""
+    so the processes together read exactly what one process reading every row would.
+
+    ``extra_reset(row, k, j)`` (optional): True to also empty the row's memory before segment
+    ``j > 0`` of its document ``k`` (a function of the position only, so resuming and the split
+    of the rows over processes do not change it)."""
 
     def __init__(self, doc_fn: Callable[[int, int], Document], n_rows: int, segment_len: int,
-                 rows: Sequence[int] | None = None):
+                 rows: Sequence[int] | None = None, extra_reset: Callable[[int, int, int], bool] | None = None):
         if n_rows < 1 or segment_len < 1:
             raise ValueError(f"n_rows and segment_len must be >= 1, got {n_rows}, {segment_len}")
         self.rows = list(range(n_rows)) if rows is None else [int(r) for r in rows]
         if not all(0 <= r < n_rows for r in self.rows):
             raise ValueError(f"rows must lie in [0, {n_rows}), got {self.rows}")
         self.doc_fn = doc_fn
+        self.extra_reset = extra_reset
         self.n_rows = n_rows
         self.segment_len = segment_len
         self.doc_index = [0] * len(self.rows)
@@ -286,7 +292,8 @@ class DocStream:
             for s in range(n_seg):
                 xs, ys, ms = self._segments(r)
                 j = self.seg_offset[r]
-                reset[r, s] = j == 0
+                reset[r, s] = j == 0 or (self.extra_reset is not None
+                                         and bool(self.extra_reset(self.rows[r], self.doc_index[r], j)))
                 x[r, s], y[r, s], m[r, s] = xs[j], ys[j], ms[j]
                 if j + 1 == xs.shape[0]:
                     self.doc_index[r] += 1
@@ -308,10 +315,17 @@ class DocStream:
 
 
 def text_stream(docs: Sequence[Document], n_rows: int, segment_len: int, seed: int,
-                rows: Sequence[int] | None = None) -> DocStream:
+                rows: Sequence[int] | None = None, reset_prob: float = 0.0) -> DocStream:
     """Rows reading ``docs`` in a fresh seeded permutation per epoch; row r reads documents
     r, r + n_rows, r + 2 n_rows, ... of the endless sequence of epochs (so no two rows read the
-    same document in an epoch). ``rows``: the rows to read (default all)."""
+    same document in an epoch). ``rows``: the rows to read (default all).
+
+    ``reset_prob`` > 0: the memory is also emptied before a segment that is not a file's first
+    one, with this probability, drawn from rng([seed, 9, row, k, j]) for segment j of the row's
+    document k (deterministic), so an empty memory is as common in text as wanted while the
+    file's bytes are read as usual."""
+    if not 0.0 <= reset_prob < 1.0:
+        raise ValueError(f"reset_prob must be in [0, 1), got {reset_prob}")
     if not docs:
         raise ValueError("text_stream needs at least one document")
     N = len(docs)
@@ -324,7 +338,10 @@ def text_stream(docs: Sequence[Document], n_rows: int, segment_len: int, seed: i
             perms[epoch] = np.random.default_rng([seed, epoch]).permutation(N)
         return docs[int(perms[epoch][i])]
 
-    return DocStream(doc_fn, n_rows, segment_len, rows)
+    def extra_reset(row: int, k: int, j: int) -> bool:
+        return bool(np.random.default_rng([seed, 9, row, k, j]).random() < reset_prob)
+
+    return DocStream(doc_fn, n_rows, segment_len, rows, extra_reset if reset_prob > 0 else None)
 
 
 def recall_stream(spec: RecallSpec, n_rows: int, seed: int, rows: Sequence[int] | None = None) -> DocStream:

@@ -33,11 +33,13 @@ recall task's key/value bytes (128..223), which stdlib text (ASCII after the rep
 never contains.
 
 Checkpoints: any ``ckpt.pt`` written by ``python -m chunkmem.train`` (or bench/train_variant.py);
-a ChunkMemLM with a learned initial memory is recognized by its ``memory_init`` weights.
+the learned initial memory is the config's ``init_slots`` (in checkpoints written before that
+field existed it is recognized by the ``memory_init`` weights).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import hashlib
 import json
@@ -69,8 +71,8 @@ def load_checkpoint_model(path: str, device="cpu"):
     """(model in eval mode, TrainConfig, init_slots) from a training checkpoint."""
     ckpt, shards = read_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
-    init = 0
-    if shards is None:
+    init = cfg.init_slots
+    if shards is None and not init:  # bench/train_variant.py checkpoints from before the config field
         w = ckpt["model"].get("blocks.0.attn.memory_init")
         init = 0 if w is None else int(w.shape[0])
     model = build_model_with_init(cfg, init)
@@ -79,18 +81,13 @@ def load_checkpoint_model(path: str, device="cpu"):
 
 
 def build_model_with_init(cfg: TrainConfig, init_slots: int = 0):
-    """``build_model(cfg)``, with a learned initial memory of ``init_slots`` slots for the memory
-    model (TrainConfig has no field for it)."""
+    """``build_model(cfg)`` with ``init_slots`` learned initial memory slots (the memory model;
+    0: those of ``cfg``)."""
     if not init_slots:
         return build_model(cfg)
     if cfg.model != "memory":
         raise ValueError(f"init_slots needs the memory model, got {cfg.model!r}")
-    from chunkmem.nn import ChunkMemLM
-    from chunkmem.training.data import VOCAB_SIZE
-    return ChunkMemLM(VOCAB_SIZE, cfg.d_model, cfg.n_layers, cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                      chunk_size=cfg.chunk_size, memory_slots=cfg.memory_slots, memory_pool=cfg.memory_pool,
-                      use_global=cfg.use_global, rope_base=cfg.rope_base, fusion=cfg.fusion,
-                      segment_len=cfg.segment_len, init_slots=init_slots)
+    return build_model(dataclasses.replace(cfg, init_slots=init_slots))
 
 
 # ------------------------------------------------------------------------------------ data

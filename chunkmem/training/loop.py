@@ -85,7 +85,8 @@ class Trainer:
         self.streams = {}
         if cfg.text_rows:
             docs = train_docs if train_docs is not None else stdlib_documents("train", val_fraction=cfg.val_fraction)
-            self.streams["text"] = text_stream(docs, cfg.text_rows, cfg.segment_len, cfg.seed, self.rows["text"])
+            self.streams["text"] = text_stream(docs, cfg.text_rows, cfg.segment_len, cfg.seed, self.rows["text"],
+                                               reset_prob=cfg.text_reset_prob)
         if cfg.recall_rows:
             self.streams["recall"] = recall_stream(cfg.recall_spec(), cfg.recall_rows, cfg.seed, self.rows["recall"])
         if not self.streams:
@@ -104,6 +105,11 @@ class Trainer:
     # -- one step
     def _next_batch(self):
         parts = [s.next_window(self.cfg.n_seg) for s in self.streams.values()]
+        if self.cfg.recall_carry and "recall" in self.streams:
+            # recall rows keep their memory across recall documents: in training an empty memory
+            # then only occurs in text rows (and at step 0), never as the mark of a recall document
+            x, y, m, reset = parts[-1]
+            parts[-1] = (x, y, m, np.zeros_like(reset))
         x, y, m, reset = (torch.from_numpy(np.concatenate(a)).to(self.device) for a in zip(*parts))
         is_text = torch.zeros(x.shape[0], dtype=torch.bool, device=self.device)
         is_text[: len(self.rows["text"]) if "text" in self.streams else 0] = True
