@@ -358,18 +358,47 @@ def test_checkpoint_without_the_new_fields_loads_with_their_defaults(tmp_path, t
     path = str(tmp_path / "ckpt.pt")
     tr.save(path)
     ckpt = torch.load(path, weights_only=False)
-    for k in ("init_slots", "recall_carry", "text_reset_prob"):
+    for k in ("init_slots", "recall_carry", "text_reset_prob", "recall_text_prefix"):
         del ckpt["config"][k]
     torch.save(ckpt, path)
     Trainer(cfg, train_docs=train_docs).load(path)  # resumes: the missing fields are the defaults
     _, got, init = load_checkpoint_model(path)
-    assert (init, got.init_slots, got.recall_carry, got.text_reset_prob) == (0, 0, False, 0.0)
+    assert (init, got.init_slots, got.recall_carry, got.text_reset_prob, got.recall_text_prefix) == (0, 0, False, 0.0,
+                                                                                                    False)
 
 
 def test_cli_passes_the_memory_options(tmp_path):
     from chunkmem.training.cli import main
 
     main(["train", "--preset", "tiny", "--steps", "1", "--init-slots", "2", "--recall-carry",
-          "--text-reset-prob", "0.05", "--out-dir", str(tmp_path), "--no-progress"])
+          "--text-reset-prob", "0.05", "--recall-text-prefix", "--out-dir", str(tmp_path), "--no-progress"])
     saved = torch.load(str(tmp_path / "tiny" / "memory" / "ckpt.pt"), weights_only=False)["config"]
-    assert (saved["init_slots"], saved["recall_carry"], saved["text_reset_prob"]) == (2, True, 0.05)
+    assert (saved["init_slots"], saved["recall_carry"], saved["text_reset_prob"], saved["recall_text_prefix"]) == (
+        2, True, 0.05, True)
+
+
+def test_recall_text_prefix_puts_one_unscored_text_segment_before_each_recall_document(train_docs):
+    from chunkmem.training.data import recall_stream
+
+    spec = RecallSpec(segment_len=16, pool=4, n_pairs=3)
+    plain = recall_stream(spec, n_rows=2, seed=4)
+    pre = recall_stream(spec, n_rows=2, seed=4, prefix_docs=train_docs)
+    n = spec.n_segments  # 5 segments; with the prefix 6
+    x0, y0, m0, r0 = plain.next_window(2 * n)
+    x1, y1, m1, r1 = pre.next_window(2 * (n + 1))
+    assert r1[:, [0, n + 1]].all() and r1.sum() == 4  # the memory is emptied before the prefix only
+    texts = {d.tokens[j:j + 16].tobytes() for d in train_docs for j in range(0, len(d) - 15, 16)}
+    for row in range(2):
+        for doc in range(2):
+            a, b = doc * n, doc * (n + 1)
+            assert x1[row, b].tobytes() in texts and not m1[row, b].any()  # a segment of text, unscored
+            np.testing.assert_array_equal(x1[row, b + 1: b + n + 1], x0[row, a: a + n])  # then the document
+            np.testing.assert_array_equal(m1[row, b + 1: b + n + 1], m0[row, a: a + n])
+    doc = pre.doc_fn(1, 3)
+    assert all(doc.tokens[pos] == v and doc.target_mask[pos] for pos, _, v, _ in doc.answers)
+    assert doc.target_mask.sum() == len(doc.answers) == spec.n_pairs
+    # the Trainer: recall rows read their pairs with one text segment in memory
+    cfg = make_config("tiny", recall_text_prefix=True, steps=1)
+    tr = Trainer(cfg, train_docs=train_docs)
+    tr.step()
+    assert len(tr.streams["recall"].doc_fn(0, 0)) == (cfg.recall_spec().n_segments + 1) * cfg.segment_len

@@ -90,6 +90,9 @@ def _add_run_options(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     g.add_argument("--text-reset-prob", dest="text_reset_prob", type=float, default=None, metavar="P",
                    help="also empty a text row's memory before a mid-file segment with probability P "
                         "(default 0: only at file starts)")
+    g.add_argument("--recall-text-prefix", dest="recall_text_prefix", action="store_true", default=None,
+                   help="each recall document starts with one unscored segment of training text, so in "
+                        "training an empty memory is always followed by text")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = p.add_argument_group("parallelism and checkpoints")
     d.add_argument("--fsdp", action="store_true",
@@ -179,7 +182,7 @@ def main(argv=None) -> int:
 
     overrides = {k: getattr(args, k) for k in ("steps", "lr", "seed", "threads", "device", "out_dir",
                                                "text_rows", "recall_rows", "init_slots", "recall_carry",
-                                               "text_reset_prob")}
+                                               "text_reset_prob", "recall_text_prefix")}
     progress = not args.no_progress
     parallel = "fsdp" if args.fsdp else "ddp"
     ctx = init_distributed(args.device or "auto")

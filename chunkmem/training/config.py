@@ -49,6 +49,7 @@ class TrainConfig:
     # where a row's memory is emptied in training (always before a document's first segment, except:)
     recall_carry: bool = False  # recall rows keep their memory across recall documents
     text_reset_prob: float = 0.0  # a text row's memory is also emptied before a mid-file segment with this probability
+    recall_text_prefix: bool = False  # each recall document starts with one unscored segment of training text
     # optimization
     steps: int = 2000
     lr: float = 3e-3
@@ -85,11 +86,12 @@ class TrainConfig:
 # streams and the carried memory are made of (DATA_KEYS). Steps, learning rate, evaluation and
 # checkpoint intervals, threads and device may change between the runs of one training. A
 # checkpoint written before a field existed is read with the field's default (init_slots 0,
-# recall_carry False, text_reset_prob 0: what those runs did).
+# recall_carry False, text_reset_prob 0, recall_text_prefix False: what those runs did).
 ARCH_KEYS = ("model", "d_model", "n_layers", "n_heads", "n_kv_heads", "chunk_size", "memory_slots",
              "memory_pool", "use_global", "fusion", "rope_base", "segment_len", "init_slots")
 DATA_KEYS = ("text_rows", "recall_rows", "recall_pairs", "recall_distances", "recall_keys",
-             "recall_values", "recall_filler", "val_fraction", "recall_carry", "text_reset_prob", "seed")
+             "recall_values", "recall_filler", "val_fraction", "recall_carry", "text_reset_prob",
+             "recall_text_prefix", "seed")
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=32, n_layers=2, n_heads=2, chunk_size=8, segment_len=16, memory_pool=4,

@@ -38,7 +38,7 @@ import numpy as np
 __all__ = [
     "VOCAB_SIZE", "PAD", "Document", "stdlib_root", "list_stdlib_files", "split_of",
     "stdlib_documents", "RecallSpec", "recall_document", "segment_arrays", "pack_documents",
-    "DocStream", "text_stream", "recall_stream",
+    "DocStream", "text_stream", "recall_stream", "text_prefixed",
 ]
 
 VOCAB_SIZE = 256
@@ -344,11 +344,35 @@ def text_stream(docs: Sequence[Document], n_rows: int, segment_len: int, seed: i
     return DocStream(doc_fn, n_rows, segment_len, rows, extra_reset if reset_prob > 0 else None)
 
 
-def recall_stream(spec: RecallSpec, n_rows: int, seed: int, rows: Sequence[int] | None = None) -> DocStream:
+def text_prefixed(doc: Document, prefix: np.ndarray) -> Document:
+    """``doc`` preceded by the tokens ``prefix`` (unscored; ``answers`` shifted)."""
+    n = len(prefix)
+    return Document(np.concatenate([prefix.astype(np.int64), doc.tokens]),
+                    np.concatenate([np.zeros(n, dtype=bool), doc.target_mask]), name=doc.name + "+prefix",
+                    answers=[(pos + n, k, v, d) for pos, k, v, d in doc.answers])
+
+
+def recall_stream(spec: RecallSpec, n_rows: int, seed: int, rows: Sequence[int] | None = None,
+                  prefix_docs: Sequence[Document] | None = None) -> DocStream:
     """Rows of fresh recall documents; document k of row r is drawn from rng([seed, r, k]).
-    ``rows``: the rows to read (default all)."""
+    ``rows``: the rows to read (default all).
+
+    ``prefix_docs``: each recall document is preceded by one segment of text (unscored): the
+    segment-aligned segment of a document of ``prefix_docs`` (both drawn from rng([seed, 13, r, k]);
+    files shorter than a segment are skipped), so the document's first segment, read from an
+    empty memory, is text, and its pairs are read with one segment of text in memory."""
+    L = spec.segment_len
+    long_docs = [d for d in prefix_docs if len(d) >= L] if prefix_docs is not None else None
+    if prefix_docs is not None and not long_docs:
+        raise ValueError(f"prefix_docs needs a document of at least {L} tokens")
 
     def doc_fn(row: int, k: int) -> Document:
-        return recall_document(spec, np.random.default_rng([seed, row, k]))
+        doc = recall_document(spec, np.random.default_rng([seed, row, k]))
+        if long_docs is None:
+            return doc
+        rng = np.random.default_rng([seed, 13, row, k])
+        src = long_docs[int(rng.integers(len(long_docs)))]
+        j = int(rng.integers(len(src) // L))
+        return text_prefixed(doc, src.tokens[j * L:(j + 1) * L])
 
     return DocStream(doc_fn, n_rows, spec.segment_len, rows)

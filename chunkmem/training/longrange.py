@@ -408,6 +408,8 @@ def plot_heatmaps(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     meta, models = results["meta"], results["models"]
     ds, ps, kinds = meta["distances"], meta["pairs"], meta["fillers"]
+    if not kinds:  # --filler "": file starts only, nothing to plot
+        return
     names = list(models)
     cols = 1 + len(names)
     fig, axes = plt.subplots(len(kinds), cols, figsize=(3.2 * cols + 1, 3.2 * len(kinds) + 0.6), squeeze=False)

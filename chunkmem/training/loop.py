@@ -83,12 +83,15 @@ class Trainer:
         self.rows = {"text": row_slice(cfg.text_rows, rank, world),
                      "recall": row_slice(cfg.recall_rows, rank, world)}
         self.streams = {}
-        if cfg.text_rows:
+        docs = None
+        if cfg.text_rows or cfg.recall_text_prefix:
             docs = train_docs if train_docs is not None else stdlib_documents("train", val_fraction=cfg.val_fraction)
+        if cfg.text_rows:
             self.streams["text"] = text_stream(docs, cfg.text_rows, cfg.segment_len, cfg.seed, self.rows["text"],
                                                reset_prob=cfg.text_reset_prob)
         if cfg.recall_rows:
-            self.streams["recall"] = recall_stream(cfg.recall_spec(), cfg.recall_rows, cfg.seed, self.rows["recall"])
+            self.streams["recall"] = recall_stream(cfg.recall_spec(), cfg.recall_rows, cfg.seed, self.rows["recall"],
+                                                   prefix_docs=docs if cfg.recall_text_prefix else None)
         if not self.streams:
             raise ValueError("need text_rows > 0 or recall_rows > 0")
         self.state = None  # carried memory (MemoryState) of this process's rows, text rows first
