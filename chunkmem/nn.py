@@ -44,7 +44,8 @@ A state keeps its representation (an empty memory is zeros with mem_len 0, so ``
 ``state_dict`` and checkpoints are unchanged); the substitution happens where a layer reads the
 memory, in ``forward`` and in the cached path of ``generate``/``extend`` alike, so the two stay
 equal. Off by default: with K > 0 the model has new parameters (old checkpoints lack
-``memory_init``) and different first-segment math.
+``memory_init``) and different first-segment math. Training: ``TrainConfig.init_slots``
+(``python -m chunkmem.train train --init-slots K``), saved in the checkpoint's config.
 """
 from __future__ import annotations
 
