@@ -49,11 +49,13 @@ if [ -n "${QUICK:-}" ]; then
 else
     # xdist spreads the many kernel specializations' compiles over the cores
     step tests 120 $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_triton_attention.py \
-        tests/test_triton_memory.py tests/test_compile.py tests/test_dispatch.py tests/test_nn.py
-    step compile_check 90 $PY -m chunkmem.compile_check --jobs 16
+        tests/test_triton_ranges.py tests/test_triton_memory.py tests/test_compile.py \
+        tests/test_dispatch.py tests/test_nn.py
+    # three row layouts per attention kernel (plain, ranges, packed) and the RoPE kernel
+    step compile_check 120 $PY -m chunkmem.compile_check --jobs 16
 fi
 RESULTS=$($PY -c "from bench.common import device_name; print(device_name('$DEVICE'))")
-step bench 170 $PY -m bench --device "$DEVICE" --D 128 --seq-lens "$SEQ_LENS" \
+step bench 140 $PY -m bench --device "$DEVICE" --D 128 --seq-lens "$SEQ_LENS" \
     --impls "$IMPLS" --model-impls '' --no-progress \
     --out "bench/results/$RESULTS"
 step bench_memory_update 60 $PY -m bench.bench_memory_update --device "$DEVICE" \

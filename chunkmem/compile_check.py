@@ -15,7 +15,8 @@ spill (STACK > 0) or shared memory above the target's per-block limit.
 
 Each variant is compiled as launches specialize it: every pointer marked divisible by 16 (16-byte
 aligned tensors: every torch allocation), once with no hint on the integer arguments and once
-(row suffix " +i16") with all of them divisible by 16 (e.g. T a multiple of 16).
+(row suffix " +i16") with all of them divisible by 16 (e.g. T a multiple of 16); a variant's
+optional key int_hints (a tuple of booleans) restricts that.
 Register allocation differs between Triton versions (each bundles its own ptxas): CI runs this
 check under the newest Triton and under Triton 3.6, the version of the GPU machine's image.
 
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
     cost.add_argument("--head-dim", type=int, default=128)
     cost.add_argument("--flags", default=",".join(FLAG_SETS),
                       help=f"comma-separated flag sets to compile each kernel with, of "
-                           f"{', '.join(FLAG_SETS)} (shipped: compile_variants() as is)")
+                           f"{', '.join(FLAG_SETS)}")
     cost.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                       help="override a constexpr (or num_warps, num_stages) of every attention "
                            "variant (repeatable), e.g. --set num_warps=4 --filter fwd")
@@ -170,7 +171,8 @@ def main(argv=None) -> int:
         for i, v in enumerate(variants):
             if args.filter in v["name"]:
                 jobs.extend((module_name, i, arch, int_hints) for arch in args.arch
-                            if arch in v.get("archs", args.arch) for int_hints in (False, True))
+                            if arch in v.get("archs", args.arch)
+                            for int_hints in v.get("int_hints", (False, True)))
     t0 = time.time()
     rows = _run(_compile_one, jobs, args.jobs)
 
@@ -202,16 +204,19 @@ def main(argv=None) -> int:
 # ----------------------------------------------------------------------------------------------
 # Static cost report (--cost)
 # ----------------------------------------------------------------------------------------------
-# Flag sets each attention variant is also compiled with (only the constexprs a variant has are
-# set; duplicates are dropped). "shipped" keeps compile_variants()'s values: every feature on.
+# Flag sets each attention kernel is compiled with (from its plain-rows variant of
+# compile_variants(); only the constexprs a kernel has are set; duplicates are dropped). The
+# last two are the other row layouts that launches compile (per-row key ranges, packed
+# documents), with every path on.
+_THREE_PATHS = dict(USE_GLOBAL=True, HAS_CHUNK=True, HAS_MEM=True, ROPE=True)
 FLAG_SETS = {
     "global": dict(USE_GLOBAL=True, HAS_CHUNK=False, HAS_MEM=False, ROPE=False, RANGES=False,
                    PACKED=False),
     "global+rope": dict(USE_GLOBAL=True, HAS_CHUNK=False, HAS_MEM=False, ROPE=True, RANGES=False,
                         PACKED=False),
-    "3paths+rope": dict(USE_GLOBAL=True, HAS_CHUNK=True, HAS_MEM=True, ROPE=True, RANGES=False,
-                        PACKED=False),
-    "shipped": {},
+    "3paths+rope": dict(_THREE_PATHS, RANGES=False, PACKED=False),
+    "3paths+rope+ranges": dict(_THREE_PATHS, RANGES=True, PACKED=False),
+    "3paths+rope+packed": dict(_THREE_PATHS, RANGES=False, PACKED=True),
 }
 _FLAG_NAMES = (("USE_GLOBAL", "G"), ("HAS_CHUNK", "C"), ("HAS_MEM", "M"), ("ROPE", "rope"),
                ("RANGES", "ranges"), ("PACKED", "packed"))
@@ -310,6 +315,11 @@ def _parse_sets(items) -> dict:
     return out
 
 
+def _layout(flags: dict) -> str:
+    """The ROW_LAYOUTS suffix of a flag set."""
+    return "_ranges" if flags.get("RANGES") else "_packed" if flags.get("PACKED") else ""
+
+
 def _cost_jobs(args) -> list:
     from chunkmem import triton_attention
 
@@ -323,11 +333,14 @@ def _cost_jobs(args) -> list:
     for arch in args.arch:
         seen = {}
         for v in triton_attention.compile_variants():
-            if (arch not in v.get("archs", (arch,)) or args.filter not in v["name"]
+            if (not v["name"].startswith("attn_")
+                    or arch not in v.get("archs", (arch,)) or args.filter not in v["name"]
                     or v["constexprs"].get("HEAD_DIM") != args.head_dim
-                    or v["signature"].get("Q") != "*" + args.dtype):
+                    or next(iter(v["signature"].values())) != "*" + args.dtype):
                 continue
             for fs in sets:
+                if v.get("layout", "") != _layout(FLAG_SETS[fs]):
+                    continue  # the set compiles the variant of its own row layout
                 cx = dict(v["constexprs"])
                 cx.update({k: x for k, x in FLAG_SETS[fs].items() if k in cx})
                 cx.update({k: x for k, x in overrides.items() if k in cx})
@@ -509,7 +522,7 @@ def _cost_markdown(rows, meta) -> str:
            "(as launches with T, S multiples of 16 compile).", "",
            "Limits: " + COST_LIMITS, "",
            "Flag sets (constexprs set where a kernel has them): " + "; ".join(
-               f"{k} = {', '.join(f'{n}={x}' for n, x in v.items()) or 'compile_variants() as is'}"
+               f"{k} = {', '.join(f'{n}={x}' for n, x in v.items())}"
                for k, v in FLAG_SETS.items() if k in meta["flag_sets"]) + ". Kernel flags "
            "column: G, C, M = global, chunk, memory path on; rope; ranges = per-row key ranges; "
            "packed = packed documents; '-' = none of these.", "",

@@ -16,9 +16,12 @@ constexprs off): the v1 code path. A start_pos tensor alone runs the ranged code
 range (0, Tk).
 
 Launches:
+- RoPE (when rope_base is set): rope_rotate_kernel writes the rotated q and k once per call
+  (grid (cdiv(T, 4096 // D), R, heads)), so no RoPE math runs inside the attention loops; the backward
+  rotates them again rather than saving them (two elementwise passes against keeping
+  (B, H, Tq, D) + (B, G, Tk, D) alive between forward and backward).
 - forward: one kernel, grid (cdiv(Tq, BLOCK_M), R, H) (max_seqlen_q instead of Tq when packed).
-  All three paths in one pass; the chunk path reuses the global path's QK^T tiles; RoPE in
-  registers.
+  All three paths in one pass; the chunk path reuses the global path's QK^T tiles.
 - backward: four kernels, all deterministic (no atomics):
   1. preprocess, grid (cdiv(Tq, BLOCK_M), R, H): the per-row statistics DI_p = w_p rowsum(dO * O_p)
      of each path, from rowsum(dO * out) and a recomputation of the cheap paths (memory slots,
@@ -113,22 +116,35 @@ _GPU_CONFIGS = {
 
 # Hopper (sm_90) replacements of _GPU_CONFIGS entries. On sm_90 Triton lowers a tl.dot to
 # wgmma (the warpgroup MMA; HGMMA in SASS) only when the dot's M dimension is at least 64;
-# smaller tiles get Ampere's mma.sync, a slower path on Hopper. So these entries have 64-row
-# tiles where they fit without spills: 64 queries in the forward, preprocess and dq kernels,
-# 64 keys in the dk/dv and dmem kernels, which then run key-major (KEY_MAJOR: every dot of
-# their loop has the key block as its M dimension). Checked like the entries above (the compile
-# check also counts wgmma instructions); not timed. Where no 64-row tile fits (the forward at
-# D = 256) sm_90 keeps the 16 x 32 tile, with 3 stages: with 1 (the sm_80 entry) the bf16
+# smaller tiles get Ampere's mma.sync, a slower path on Hopper. A warpgroup (4 warps) owns 64
+# rows of an MMA: with 8 warps a 64-row tile is computed twice (both warpgroups), so the tiles
+# here give each warpgroup its own 64 rows (128 rows with 8 warps, 64 with 4). D = 128, the
+# shape of the static cost report (python -m chunkmem.compile_check --cost): forward 128
+# queries x 128 keys in its unmasked loop (one accumulator) and 16-key tiles (BLOCK_W, the 5th
+# entry) in its masked and memory loops, which carry two accumulators; dq 128 x 64; dk/dv
+# key-major (KEY_MAJOR: the key block is every dot's M dimension) 128 keys x 64 queries in the
+# unmasked loop, 16 queries in the masked one; dmem 64 slots x 32 queries, 4 warps (memories
+# are short: 128-slot tiles would be mostly padding). Where no 64-row tile fits (the forward
+# at D = 256) sm_90 keeps the 16 x 32 tile, with 3 stages: with 1 (the sm_80 entry) the bf16
 # kernel spills 8 bytes on sm_90 under Triton 3.6 (16 x 16 / 4 warps fits there but spills
-# under 3.9; swept 2-16 warps, 16-64 keys, 1-3 stages). dk/dv at D = 128 fits because
-# its loop is one flat loop over (query head, query block) (the kernels' _bwd_kv_loop); 32
-# queries there still spill 8 bytes under Triton 3.6, hence 16 x 64.
+# under 3.9; swept 2-16 warps, 16-64 keys, 1-3 stages). Every entry is spill-free under both
+# Tritons in every row layout (or replaced in _SM90_LAYOUT_CONFIGS); not timed.
 _SM90_CONFIGS = {
-    ("fwd", 2): {128: (64, 32, 8, 2), 256: (16, 32, 8, 3)},
-    ("bwd_preprocess", 2): {128: (64, 32, 8, 2)},
-    ("bwd_dq", 2): {64: (64, 32, 8, 2), 128: (64, 32, 8, 2)},
-    ("bwd_dkdv", 2): {32: (32, 64, 4, 2), 64: (32, 64, 8, 1), 128: (16, 64, 8, 2)},
-    ("bwd_dmem", 2): {32: (32, 64, 4, 1), 64: (32, 64, 8, 1), 128: (16, 64, 8, 1)},
+    ("fwd", 2): {128: (128, 128, 8, 2, 16), 256: (16, 32, 8, 3)},
+    ("bwd_preprocess", 2): {128: (128, 64, 8, 2)},
+    ("bwd_dq", 2): {64: (64, 32, 8, 2), 128: (128, 64, 8, 2)},
+    ("bwd_dkdv", 2): {32: (32, 64, 4, 2), 64: (32, 64, 8, 1), 128: (64, 128, 8, 2, 16)},
+    ("bwd_dmem", 2): {32: (32, 64, 4, 1), 64: (32, 64, 8, 1), 128: (32, 64, 4, 1)},
+}
+
+
+# Replacements of _SM90_CONFIGS entries for one row layout (a ROW_LAYOUTS suffix) whose code
+# needs more registers, under Triton 3.9: the per-row key ranges' forward spills 72 bytes at
+# 128 x 128 and its dq 8 bytes at 128 x 64; the packed documents' dk/dv 72 bytes at 64 queries.
+_SM90_LAYOUT_CONFIGS = {
+    ("fwd", 2, "_ranges"): {128: (128, 64, 8, 2, 16)},
+    ("bwd_dq", 2, "_ranges"): {128: (128, 32, 8, 2)},
+    ("bwd_dkdv", 2, "_packed"): {128: (32, 128, 8, 2, 16)},
 }
 
 
@@ -143,9 +159,11 @@ def has_gpu_config(kind: str, dtype: torch.dtype, head_dim: int) -> bool:
 
 
 def block_config(kind: str, dtype: torch.dtype, head_dim: int, interpret: bool | None = None,
-                 arch: int = 80):
+                 arch: int = 80, layout: str = ""):
     """Launch configuration of one kernel: dict(BLOCK_M, BLOCK_N, num_warps, num_stages,
-    KEY_MAJOR); KEY_MAJOR (dk/dv and dmem kernels) goes with the sm_90 entries.
+    KEY_MAJOR, and BLOCK_W for the forward: its key tile in the masked and memory loops);
+    KEY_MAJOR (dk/dv and dmem kernels) goes with the sm_90 entries. layout: the launch's row
+    layout (a ROW_LAYOUTS suffix).
 
     kind: one of KERNEL_KINDS; dtype: q's dtype; head_dim: D; arch: 80 or 90 (gpu_arch). Under
     the Triton interpreter the blocks are 16 x 16 (smallest tl.dot size) so that small test
@@ -154,15 +172,23 @@ def block_config(kind: str, dtype: torch.dtype, head_dim: int, interpret: bool |
     if interpret is None:
         interpret = interpreting()
     if interpret:
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, KEY_MAJOR=False)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, KEY_MAJOR=False,
+                    **({"BLOCK_W": 16} if kind in ("fwd", "bwd_dkdv") else {}))
     if not has_gpu_config(kind, dtype, head_dim):
         raise ValueError(f"no spill-free GPU configuration of kernel {kind} for {dtype}, D={head_dim} "
                          "(unsupported_reason reports this case)")
     key = (kind, 4 if dtype == torch.float32 else 2)
     hopper = _SM90_CONFIGS.get(key, {}) if arch >= 90 else {}
-    bm, bn, warps, stages = hopper.get(head_dim, _GPU_CONFIGS[key][head_dim])
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-                KEY_MAJOR=kind in ("bwd_dkdv", "bwd_dmem") and head_dim in hopper)
+    if arch >= 90:
+        hopper = {**hopper, **_SM90_LAYOUT_CONFIGS.get(key + (layout,), {})}
+    bm, bn, warps, stages, *bw = hopper.get(head_dim, _GPU_CONFIGS[key][head_dim])
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+               KEY_MAJOR=kind in ("bwd_dkdv", "bwd_dmem") and head_dim in hopper)
+    if kind == "fwd":  # key tile of the forward's masked and memory loops
+        cfg["BLOCK_W"] = bw[0] if bw else bn
+    elif kind == "bwd_dkdv":  # query tile of the dk/dv kernel's masked loop
+        cfg["BLOCK_W"] = bw[0] if bw else bm
+    return cfg
 
 
 def unsupported_reason(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_size, use_global,
@@ -323,14 +349,44 @@ def _launch(kernel, kind, q, n, rows, heads, *args, **constexprs):
     over key (or slot) blocks, which also take KEY_MAJOR, else BLOCK_M. HEAD_DIM, the block sizes
     and DOT_PREC join the other constexprs."""
     D = q.shape[-1]
-    cfg = block_config(kind, q.dtype, D, arch=_arch(q))
+    layout = "_ranges" if constexprs["RANGES"] else "_packed" if constexprs["PACKED"] else ""
+    cfg = block_config(kind, q.dtype, D, arch=_arch(q), layout=layout)
     over_keys = kind in ("bwd_dkdv", "bwd_dmem")
     if over_keys:
         constexprs["KEY_MAJOR"] = cfg["KEY_MAJOR"]
+    if kind in ("fwd", "bwd_dkdv"):
+        constexprs["BLOCK_W"] = cfg["BLOCK_W"]
     grid = (triton_cdiv(n, cfg["BLOCK_N" if over_keys else "BLOCK_M"]), rows, heads)
     kernel[grid](*args, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                  DOT_PREC=_dot_precision(q.dtype), **constexprs,
                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+# Warps of the RoPE kernel, and its rows per program on a GPU (16 under the interpreter): 4096
+# elements per program (its fixed-point angles are int64 per element; 64 rows at D = 256
+# spilled).
+_ROPE_WARPS = 4
+
+
+def _rope_block(head_dim: int) -> int:
+    return 4096 // head_dim
+
+
+def _rotated(x, queries: bool, ra, rope_base, Tq: int, Tk: int):
+    """RoPE of q (queries) or k at the positions the attention kernels use (see the kernels'
+    rope_rotate_kernel), as a new tensor of x's dtype; x itself when rope_base is None."""
+    from chunkmem.kernels.hybrid_attention import rope_rotate_kernel
+
+    if rope_base is None or x.numel() == 0:
+        return x
+    B, heads, T, D = x.shape
+    block = 16 if interpreting() else _rope_block(D)
+    n = ra["nq"] if queries else ra["nk"]
+    xr = torch.empty_like(x)
+    rope_rotate_kernel[(triton_cdiv(n, block), ra["R"], heads)](
+        x, xr, _rope_step(D, rope_base, x.device), *ra["ptrs"], T, Tq, Tk, ra["ints"][2],
+        HEAD_DIM=D, BLOCK=block, QUERIES=queries, **ra["flags"], num_warps=_ROPE_WARPS)
+    return xr
 
 
 def _forward_impl(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_global, rope_base,
@@ -356,11 +412,13 @@ def _forward_impl(q, k, v, mem_k, mem_v, weights, mem_len, chunk_size, use_globa
     lse = torch.zeros(B, H, 3, Tq, dtype=torch.float32, device=q.device)
     if out.numel() > 0:
         ra = _row_args(q, k, chunk_size, start_pos, kv_start, kv_end, cu_q, cu_k, max_sq, max_sk)
+        qr = _rotated(q, True, ra, rope_base, Tq, Tk)
+        kr = _rotated(k, False, ra, rope_base, Tq, Tk)
         _launch(hybrid_attention_fwd_kernel, "fwd", q, ra["nq"], ra["R"], H,
-                q, k, v, mem_k, mem_v, w, mem_len, _rope_step(D, rope_base, q.device), out, lse,
+                q, qr, kr, v, mem_k, mem_v, w, mem_len, out, lse,
                 *ra["ptrs"], H, G, Tq, Tk, S, *ra["ints"], float(scale) * math.log2(math.e),
                 USE_GLOBAL=bool(use_global), HAS_CHUNK=has_chunk, HAS_MEM=has_mem,
-                ROPE=rope_base is not None, **ra["flags"])
+                **ra["flags"])
     return out, lse
 
 
@@ -446,8 +504,8 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, m, n
                    m["cu_k"], m["max_sq"], m["max_sk"])
     ptrs, R = ra["ptrs"], ra["R"]
     dout = dout.contiguous()
-    flags = dict(USE_GLOBAL=m["use_global"], HAS_CHUNK=m["has_chunk"],
-                 ROPE=m["rope_base"] is not None, **ra["flags"])
+    paths = dict(USE_GLOBAL=m["use_global"], HAS_CHUNK=m["has_chunk"], **ra["flags"])
+    rope = dict(ROPE=m["rope_base"] is not None)
     qk_scale = m["scale"] * math.log2(math.e)
     run = dout.numel() > 0
     run_dq = run and (need[0] or need[5])  # the dq kernel also sums the derived path's DW
@@ -464,26 +522,28 @@ def _backward_impl(dout, q, k, v, mem_k, mem_v, weights, mem_len, out, lse, m, n
     # Rows of paths that are off stay 0: DI is read for them, DW is summed into dweights.
     di = torch.zeros(B, H, 3, Tq, dtype=torch.float32, device=q.device)
     dw_rows = torch.zeros(B, H, 3, Tq, dtype=torch.float32, device=q.device)
-    if run:
+    if run:  # q and k rotated again (not saved by the forward), once for the three kernels
+        qr = _rotated(q, True, ra, m["rope_base"], Tq, Tk)
+        kr = _rotated(k, False, ra, m["rope_base"], Tq, Tk)
         _launch(hybrid_attention_bwd_preprocess_kernel, "bwd_preprocess", q, ra["nq"], R, H,
-                q, k, v, mem_k, mem_v, out.contiguous(), dout, w, mem_len, rope_step, lse, di,
+                q, qr, kr, v, mem_k, mem_v, out.contiguous(), dout, w, mem_len, lse, di,
                 dw_rows, *ptrs, H, G, Tq, Tk, S, *ra["ints"], qk_scale,
-                HAS_MEM=m["has_mem"], **flags)
+                HAS_MEM=m["has_mem"], **paths)
     if run_dq:
         _launch(hybrid_attention_bwd_dq_kernel, "bwd_dq", q, ra["nq"], R, H,
-                q, k, v, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, dw_rows, dq,
+                q, qr, kr, v, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, dw_rows, dq,
                 *ptrs, H, G, Tq, Tk, S, *ra["ints"], qk_scale, m["scale"],
-                HAS_MEM=m["has_mem"], **flags)
+                HAS_MEM=m["has_mem"], **paths, **rope)
     if run_dkdv:
         _launch(hybrid_attention_bwd_dkdv_kernel, "bwd_dkdv", q, ra["nk"], R, G,
-                q, k, v, dout, w, rope_step, lse, di, dk, dv, *ptrs,
-                H, G, Tq, Tk, *ra["ints"], qk_scale, m["scale"], **flags)
+                qr, kr, v, dout, w, rope_step, lse, di, dk, dv, *ptrs,
+                H, G, Tq, Tk, *ra["ints"], qk_scale, m["scale"], **paths, **rope)
     if run_dmem:
         n_split, n_slots = _dmem_split(q, S, ra["nq"], R * G)
         part_k = torch.empty((n_split,) + tuple(mem_k.shape), dtype=torch.float32, device=q.device)
         part_v = torch.empty_like(part_k)
         _launch(hybrid_attention_bwd_dmem_kernel, "bwd_dmem", q, n_slots * n_split, R, G,
-                q, mem_k, mem_v, dout, w, mem_len, rope_step, lse, di, part_k, part_v, *ptrs,
+                q, mem_k, mem_v, dout, w, mem_len, lse, di, part_k, part_v, *ptrs,
                 H, G, Tq, Tk, S, n_split, qk_scale, m["scale"], **ra["flags"])
         dmk.copy_(part_k.sum(0))  # a fixed-order reduction over the query splits
         dmv.copy_(part_v.sum(0))
@@ -511,7 +571,7 @@ def hybrid_attention_triton(q, k, v, mem_k, mem_v, weights, mem_len, *, chunk_si
 _FP32_PTRS = {"W", "LSE", "DI", "DW", "DMK", "DMV"}
 _I32_PTRS = {"MEMLEN", "KV_START", "KV_END", "CU_Q", "CU_K", "PHASE"}
 _I64_PTRS = {"ROPE_STEP"}
-_I32_ARGS = {"n_split", "H", "G", "Tq", "Tk", "S", "chunk_size", "chunk_phase", "start_pos"}
+_I32_ARGS = {"n_split", "H", "G", "T", "Tq", "Tk", "S", "chunk_size", "chunk_phase", "start_pos"}
 _F32_ARGS = {"qk_scale", "scale"}
 
 
@@ -548,16 +608,23 @@ def _signature(fn, dtype: str) -> dict:
     return sig
 
 
+# The row layouts a launch compiles (see _row_args): name suffix -> (RANGES, PACKED). Launches
+# never combine the two flags.
+ROW_LAYOUTS = {"": dict(RANGES=False, PACKED=False), "_ranges": dict(RANGES=True, PACKED=False),
+               "_packed": dict(RANGES=False, PACKED=True)}
+
+
 def compile_variants() -> list:
     """Every kernel x dtype (fp32/fp16/bf16) x D (32/64/128/256) that has a launch configuration
     (all but the backward at D = 256) with that configuration; one variant per arch
-    (name suffix _sm80 / _sm90) where sm_90 has its own.
+    (name suffix _sm80 / _sm90) where sm_90 has its own; each in the three row layouts that
+    launches compile (ROW_LAYOUTS: plain rows, per-row key ranges, packed documents; name
+    suffix "", _ranges, _packed), with all paths on and RoPE: the largest code of each layout.
+    The RoPE kernel likewise, for queries and keys (rope_q_*, rope_k_*).
 
-    Each variant has all paths on, RoPE, and both the per-row key ranges and the packed
-    documents' code (RANGES and PACKED, which launches never combine): the largest code of its
-    kernel.
     Returns dicts with keys name, fn, signature, constexprs, num_warps, num_stages, archs (the
-    compile targets it is launched on).
+    compile targets it is launched on), layout (the ROW_LAYOUTS suffix) and, for the RoPE
+    kernel, int_hints (compiled with the integer-argument hints only).
     """
     from chunkmem.kernels import hybrid_attention as kern
 
@@ -568,29 +635,39 @@ def compile_variants() -> list:
         "bwd_dkdv": kern.hybrid_attention_bwd_dkdv_kernel,
         "bwd_dmem": kern.hybrid_attention_bwd_dmem_kernel,
     }
-    flags = dict(USE_GLOBAL=True, HAS_CHUNK=True, HAS_MEM=True, ROPE=True, RANGES=True,
-                 PACKED=True)
+    paths = dict(USE_GLOBAL=True, HAS_CHUNK=True, HAS_MEM=True, ROPE=True)
     variants = []
-    for dtype in _DTYPES:
-        tdt = TRITON_DTYPE[dtype]
-        for D in SUPPORTED_HEAD_DIMS:
-            for kind, fn in fns.items():
-                if not has_gpu_config(kind, dtype, D):
-                    continue  # unsupported_reason sends these cases to the torch backend
-                cfgs = {arch: block_config(kind, dtype, D, interpret=False, arch=arch)
-                        for arch in (80, 90)}
-                groups = [(80, 90)] if cfgs[80] == cfgs[90] else [(80,), (90,)]
-                for archs in groups:
-                    cfg = cfgs[archs[0]]
-                    values = dict(HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                  KEY_MAJOR=cfg["KEY_MAJOR"], DOT_PREC=_dot_precision(dtype),
-                                  **flags)
-                    constexprs = {n: values[n] for n, is_cx in _kernel_args(fn) if is_cx}
-                    suffix = f"_sm{archs[0]}" if len(archs) == 1 else ""
+    for layout, rows in ROW_LAYOUTS.items():
+        for dtype in _DTYPES:
+            tdt = TRITON_DTYPE[dtype]
+            for D in SUPPORTED_HEAD_DIMS:
+                for kind, fn in fns.items():
+                    if not has_gpu_config(kind, dtype, D):
+                        continue  # unsupported_reason sends these cases to the torch backend
+                    cfgs = {arch: block_config(kind, dtype, D, interpret=False, arch=arch,
+                                               layout=layout) for arch in (80, 90)}
+                    groups = [(80, 90)] if cfgs[80] == cfgs[90] else [(80,), (90,)]
+                    for archs in groups:
+                        cfg = cfgs[archs[0]]
+                        values = dict(HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                      BLOCK_W=cfg.get("BLOCK_W"), KEY_MAJOR=cfg["KEY_MAJOR"],
+                                      DOT_PREC=_dot_precision(dtype), **paths, **rows)
+                        constexprs = {n: values[n] for n, is_cx in _kernel_args(fn) if is_cx}
+                        suffix = f"_sm{archs[0]}" if len(archs) == 1 else ""
+                        variants.append(dict(
+                            name=(f"attn_{kind}_{tdt}_d{D}_m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}"
+                                  f"{suffix}{layout}"),
+                            fn=fn, signature=_signature(fn, tdt), constexprs=constexprs,
+                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                            archs=archs, layout=layout))
+                for queries in (True, False):
+                    fn = kern.rope_rotate_kernel
                     variants.append(dict(
-                        name=f"attn_{kind}_{tdt}_d{D}_m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}{suffix}",
-                        fn=fn, signature=_signature(fn, tdt), constexprs=constexprs,
-                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], archs=archs))
+                        name=f"rope_{'q' if queries else 'k'}_{tdt}_d{D}{layout}",
+                        fn=fn, signature=_signature(fn, tdt),
+                        constexprs=dict(HEAD_DIM=D, BLOCK=_rope_block(D), QUERIES=queries, **rows),
+                        num_warps=_ROPE_WARPS, num_stages=1, archs=(80, 90), layout=layout,
+                        int_hints=(True,)))  # 64-76 registers: far from a spill either way
     return variants
 
 

@@ -1,7 +1,8 @@
 """Fused Triton kernels of hybrid attention (SPEC §1, §1b): forward and backward, ``@triton.jit`` only.
 
 Launch, block sizes and autograd live in :mod:`chunkmem.triton_attention`. Layout (all tensors
-contiguous): q, out, do, dq (B, H, Tq, D); k, v, dk, dv (B, G, Tk, D); mem_k, mem_v, dmem_k, dmem_v
+contiguous): q, its rotation qr, out, do, dq (B, H, Tq, D); k, its rotation kr, v, dk, dv
+(B, G, Tk, D); mem_k, mem_v, dmem_k, dmem_v
 (Bm, G, S, D); weights (H, 3) fp32; mem_len (Bm,) int32; rope_step (D/2,) int64
 (``rope_base ** (-2t/D) / (2 pi)`` in units of 2**-48 turns); the per-row statistics LSE, DI and
 DW (B, H, 3, Tq) fp32, path index 0 = global, 1 = chunk, 2 = memory.
@@ -29,18 +30,23 @@ preprocess kernel as ``rowsum_j P_ij dP_ij``, and the derived path's DW is summe
 kernel, which recomputes its P and dP anyway.
 
 Conventions:
-- Scores live in log2 units: ``s = (q . k) * scale * log2(e)``, softmax with ``exp2``. The saved
-  LSE is ``m + log2(l)`` in the same units, so the backward recomputes ``P = exp2(s - LSE)``.
-- Every vector is handled as two halves ``x[:D/2], x[D/2:]`` so that rotate-half RoPE is applied
-  in registers (``x1 c - x2 s``, ``x2 c + x1 s``) and ``q . k = q1 . k1 + q2 . k2`` is two dots.
-  No rotated copy of q or k is ever written to HBM.
+- Softmax statistics live in log2 units: with ``qk_scale = scale * log2(e)`` the tiles hold the
+  unscaled ``q . k`` and ``P = exp2(q . k * qk_scale - m)`` is one FFMA and one exp2 per score.
+  The saved LSE is ``m + log2(l)`` in the same units, so the backward recomputes
+  ``P = exp2(q . k * qk_scale - LSE)``.
+- RoPE runs once per call, outside the attention loops: ``rope_rotate_kernel`` writes the rotated
+  q and k (qr, kr, in the input dtype: the rounding a tensor-core dot needs anyway) that the
+  global and chunk paths read; the memory path reads the un-rotated q. The backward rotates
+  again (nothing extra is saved) and rotates dq and dk back once per program (by -angle: RoPE is
+  orthogonal). Every vector is handled as two halves ``x[:D/2], x[D/2:]`` so that rotate-half
+  RoPE is ``x1 c - x2 s``, ``x2 c + x1 s`` in registers, and ``q . k = q1 . k1 + q2 . k2``.
 - Masked scores are ``-inf``; the running max starts at a finite sentinel, so a row without any
   valid key keeps ``l = 0`` and gives output 0 and ``LSE = _EMPTY_LSE`` (finite), never NaN.
   In the forward, preprocess and dq kernels only the tiles that need it are masked: key tiles
   below the diagonal and before the chunk window of every row of a query block run unmasked
-  (``MASKED=False``; with RANGES they still mask keys before k_lo). The dk/dv kernel masks every
-  tile (a few integer compares) so that its loop has a single body, and computes the chunk path
-  only for the query tiles in the key block's chunk windows (a runtime branch).
+  (``MASKED=False``; with RANGES, the first key tile of a row is masked below k_lo). The dk/dv
+  kernel likewise runs the query tiles that see its key block through the global path only
+  without masks, and zeroes the gradients of keys outside the row's range at the end.
 - Chunks are counted by position: key j is in chunk ``(j + shift) // chunk_size``; the kernels
   work in key indices with ``phase = shift mod chunk_size`` (``_chunk_start``).
 - Padded query rows (i >= nq) and padding queries are not masked in the backward's score tiles:
@@ -104,24 +110,29 @@ def _rope(x1, x2, pos, ROPE_STEP, HALF: tl.constexpr, SIGN: tl.constexpr):
 
 
 @triton.jit
-def _load_rot(ptr, idx, ok, pos, ROPE_STEP, HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
-              ROPE: tl.constexpr):
-    """Rows idx (R,) of a (T, HEAD_DIM) matrix as two halves (R, HALF), RoPE'd at pos if ROPE."""
+def _load_halves(ptr, idx, ok, HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 MASK: tl.constexpr = True):
+    """Rows idx (R,) of a (T, HEAD_DIM) matrix as two halves (R, HALF); rows where ok (R,) is
+    False load as 0 (MASK=False: every row is loaded, ok is ignored)."""
     offs = idx[:, None] * HEAD_DIM + tl.arange(0, HALF)[None, :]
-    x1 = tl.load(ptr + offs, mask=ok[:, None], other=0.0)
-    x2 = tl.load(ptr + offs + HALF, mask=ok[:, None], other=0.0)
-    if ROPE:
-        r1, r2 = _rope(x1, x2, pos, ROPE_STEP, HALF, 1)
-        x1 = r1.to(x1.dtype)
-        x2 = r2.to(x2.dtype)
+    if MASK:
+        x1 = tl.load(ptr + offs, mask=ok[:, None], other=0.0)
+        x2 = tl.load(ptr + offs + HALF, mask=ok[:, None], other=0.0)
+    else:
+        x1 = tl.load(ptr + offs)
+        x2 = tl.load(ptr + offs + HALF)
     return x1, x2
 
 
 @triton.jit
-def _load_rows(ptr, idx, ok, HEAD_DIM: tl.constexpr):
-    """Rows idx (R,) of a (T, HEAD_DIM) matrix -> (R, HEAD_DIM)."""
+def _load_rows(ptr, idx, ok, HEAD_DIM: tl.constexpr, MASK: tl.constexpr = True):
+    """Rows idx (R,) of a (T, HEAD_DIM) matrix -> (R, HEAD_DIM) (ok, MASK as in _load_halves)."""
     offs = idx[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-    return tl.load(ptr + offs, mask=ok[:, None], other=0.0)
+    if MASK:
+        x = tl.load(ptr + offs, mask=ok[:, None], other=0.0)
+    else:
+        x = tl.load(ptr + offs)
+    return x
 
 
 @triton.jit
@@ -138,11 +149,11 @@ def _store_halves(ptr, idx, ok, x1, x2, HALF: tl.constexpr, HEAD_DIM: tl.constex
 
 
 @triton.jit
-def _scores(q1, q2, k1, k2, qk_scale, DOT_PREC: tl.constexpr):
-    """(q . k) * qk_scale for halves q (M, HALF) and k (N, HALF) -> (M, N) fp32."""
+def _scores(q1, q2, k1, k2, DOT_PREC: tl.constexpr):
+    """q . k for halves q (M, HALF) and k (N, HALF) -> (M, N) fp32, unscaled: the callers fold
+    qk_scale into the exponent (one FFMA per score, s * qk_scale - max)."""
     s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
-    s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
-    return s * qk_scale
+    return tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -245,6 +256,17 @@ def _key_range(m0, nq, off, k_lo, chunk_size, phase, HAS_CHUNK: tl.constexpr,
 
 
 @triton.jit
+def _first_full_tile(lo, split, k_lo, RANGES: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Start of the unmasked key tiles [lo, split) of _key_range that hold no key before k_lo:
+    with RANGES the first tile may start before the row's first valid key (its keys below k_lo
+    need a mask); lo otherwise."""
+    if RANGES:
+        return tl.minimum(tl.maximum(tl.cdiv(k_lo, BLOCK_N) * BLOCK_N, lo), split)
+    else:
+        return lo
+
+
+@triton.jit
 def _query_range(n0, nq, off, k_lo, k_hi, chunk_size, phase, HAS_CHUNK: tl.constexpr,
                  RANGES: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr):
@@ -315,14 +337,50 @@ def _row_geometry(r, Tq, Tk, chunk_phase, start_pos, KV_START, KV_END, CU_Q, CU_
 
 
 # ----------------------------------------------------------------------------------------------
+# RoPE, once per call
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def rope_rotate_kernel(X, XR, ROPE_STEP, KV_START, KV_END, CU_Q, CU_K, PHASE,
+                       T, Tq, Tk, start_pos,
+                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, QUERIES: tl.constexpr,
+                       RANGES: tl.constexpr, PACKED: tl.constexpr):
+    """XR = RoPE(X), in X's dtype, at the positions the attention kernels give the queries
+    (QUERIES: X = q (B, H, Tq, D), T = Tq; query i of a row at shift + off + i) or the keys
+    (X = k (B, G, Tk, D), T = Tk; key j at shift + j), see _row_geometry. One program per
+    (block of BLOCK rows, row or document, head). Only the rows the attention kernels read are
+    written: not padding queries, nor keys outside a row's range, nor rows past a document."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    r = tl.program_id(1)
+    b, q0, nq, k0, k_lo, k_hi, off, shift, _phase = _row_geometry(
+        r, Tq, Tk, 0, start_pos, KV_START, KV_END, CU_Q, CU_K, PHASE, RANGES, PACKED)
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if QUERIES:
+        t0 = q0
+        pos = shift + off + idx
+        ok = idx < nq
+        if RANGES:
+            ok = ok & (idx >= k_lo - off)
+    else:
+        t0 = k0
+        pos = shift + idx
+        ok = _key_mask(idx, k_hi, k_lo, RANGES)
+    base = ((b * tl.num_programs(2) + tl.program_id(2)).to(tl.int64) * T + t0) * HEAD_DIM
+    x1, x2 = _load_halves(X + base, idx, ok, HALF, HEAD_DIM)
+    r1, r2 = _rope(x1, x2, pos, ROPE_STEP, HALF, 1)
+    _store_halves(XR + base, idx, ok, r1, r2, HALF, HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _online_softmax_step(m_i, l_i, acc, s, v, DOT_PREC: tl.constexpr):
-    """One key tile of the online softmax; s (M, N) in log2 units, -inf where masked."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def _online_softmax_step(m_i, l_i, acc, s, v, qk_scale, DOT_PREC: tl.constexpr):
+    """One key tile of the online softmax; s (M, N) the unscaled scores q . k, -inf where
+    masked; m_i, l_i in log2 units (qk_scale > 0 includes log2(e), so max(s) * qk_scale is
+    the max of the scaled scores)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return m_new, l_i, acc
@@ -341,7 +399,8 @@ def _finish(m_i, l_i, acc):
 def _key_mask(cols, n_keys, first_key, RANGES: tl.constexpr):
     """Keys (or slots) of a block that are loaded: below n_keys and, with RANGES, from
     first_key on (keys outside a row's range load as 0: a pre-allocated cache may hold
-    anything there)."""
+    anything there). The loops load the unmasked tiles of a full row (neither MASKED nor
+    RANGES) without a mask: every key of those lies below the diagonal."""
     ok = cols < n_keys
     if RANGES:
         ok = ok & (cols >= first_key)
@@ -349,25 +408,24 @@ def _key_mask(cols, n_keys, first_key, RANGES: tl.constexpr):
 
 
 @triton.jit
-def _fwd_loop(m1, l1, acc1, m2, l2, acc2, q1, q2, rows, k_ptr, v_ptr, ROPE_STEP,
-              off, n_keys, first_key, q_lo, chunk_size, phase, shift, qk_scale, lo, hi,
+def _fwd_loop(m1, l1, acc1, m2, l2, acc2, q1, q2, rows, k_ptr, v_ptr,
+              off, n_keys, first_key, q_lo, chunk_size, phase, qk_scale, lo, hi,
               HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
-              ROPE: tl.constexpr, RANGES: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              RANGES: tl.constexpr, DOT_PREC: tl.constexpr):
     """Online softmax of states 1 and 2 over key blocks [lo, hi), one QK^T tile per block."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = _key_mask(cols, n_keys, first_key, RANGES)
-        k1, k2 = _load_rot(k_ptr, cols, col_ok, shift + cols, ROPE_STEP, HALF, HEAD_DIM, ROPE)
-        v = _load_rows(v_ptr, cols, col_ok, HEAD_DIM)
-        s = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
+        k1, k2 = _load_halves(k_ptr, cols, col_ok, HALF, HEAD_DIM, MASK=MASKED or RANGES)
+        v = _load_rows(v_ptr, cols, col_ok, HEAD_DIM, MASK=MASKED or RANGES)
+        s = _scores(q1, q2, k1, k2, DOT_PREC)
         s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, q_lo, chunk_size, phase,
                               MEM, MASKED, DO_2, False, RANGES)
         if DO_1:
-            m1, l1, acc1 = _online_softmax_step(m1, l1, acc1, s1, v, DOT_PREC)
+            m1, l1, acc1 = _online_softmax_step(m1, l1, acc1, s1, v, qk_scale, DOT_PREC)
         if DO_2:
-            m2, l2, acc2 = _online_softmax_step(m2, l2, acc2, s2, v, DOT_PREC)
+            m2, l2, acc2 = _online_softmax_step(m2, l2, acc2, s2, v, qk_scale, DOT_PREC)
     return m1, l1, acc1, m2, l2, acc2
 
 
@@ -418,14 +476,16 @@ def _mem_range(m0, first, S, q_lo, RANGES: tl.constexpr, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def hybrid_attention_fwd_kernel(
-    Q, K, V, MK, MV, W, MEMLEN, ROPE_STEP, OUT, LSE, KV_START, KV_END, CU_Q, CU_K, PHASE,
+    Q, QR, KR, V, MK, MV, W, MEMLEN, OUT, LSE, KV_START, KV_END, CU_Q, CU_K, PHASE,
     H, G, Tq, Tk, S, chunk_size, chunk_phase, start_pos, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
-    ROPE: tl.constexpr, RANGES: tl.constexpr, PACKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    RANGES: tl.constexpr, PACKED: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """One program per (query block, row or document, h): out = w_g O_g + w_c O_c + w_m O_m
-    and the LSE of each path."""
+    and the LSE of each path. Key tiles: BLOCK_N keys in the unmasked loop, BLOCK_W (a divisor
+    of BLOCK_N) in the masked one and over the memory slots. QR, KR: q and k rotated by rope_rotate_kernel (q, k themselves
+    without RoPE); the memory path reads the un-rotated Q."""
     HALF: tl.constexpr = HEAD_DIM // 2
     (h, bg, mg, m0, rows, row_in, row_ok, q_off, stats_off, r, nq, k0, k_lo, k_hi, off, shift,
      phase) = _query_program(H, G, Tq, Tk, chunk_phase, start_pos, KV_START, KV_END, CU_Q, CU_K,
@@ -435,56 +495,62 @@ def hybrid_attention_fwd_kernel(
             return
     q_lo = k_lo - off
     lse_ptr = LSE + stats_off
-    out = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-
-    # Memory path first (fewer live accumulators during the long key loop that follows):
-    # un-rotated q against the valid (right-aligned) slots of memory row r.
-    if HAS_MEM:
-        q1, q2 = _load_rot(Q + q_off, rows, row_ok, rows, ROPE_STEP, HALF, HEAD_DIM, False)
-        first = S - tl.load(MEMLEN + r)
-        m_m = tl.full([BLOCK_M], _EMPTY_LSE, dtype=tl.float32)
-        l_m = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc_m = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        mk_ptr = MK + mg * S * HEAD_DIM
-        mv_ptr = MV + mg * S * HEAD_DIM
-        m_m, l_m, acc_m, _m, _l, _acc = _fwd_loop(
-            m_m, l_m, acc_m, m_m, l_m, acc_m, q1, q2, rows, mk_ptr, mv_ptr, ROPE_STEP,
-            off, S, first, q_lo, chunk_size, phase, 0, qk_scale,
-            _mem_range(m0, first, S, q_lo, RANGES, BLOCK_M, BLOCK_N), S,
-            HALF, HEAD_DIM, BLOCK_N, True, False, True, True, False, RANGES, DOT_PREC)
-        w_m = tl.load(W + h * 3 + 2)
-        out = _finish_path(out, m_m, l_m, acc_m, w_m, lse_ptr + 2 * Tq, rows, row_in)
-    # Global and chunk paths: one pass over the key blocks up to the diagonal (RoPE'd q).
-    q1, q2 = _load_rot(Q + q_off, rows, row_ok, shift + off + rows, ROPE_STEP, HALF, HEAD_DIM,
-                       ROPE)
+    # Order chosen for registers (online softmax does not depend on the tile order): the long
+    # unmasked loop first, with the global state only (one accumulator, BLOCK_N-key tiles);
+    # then the masked tiles (diagonal and chunk window) with the global and chunk states (two
+    # accumulators, BLOCK_W-key tiles); the memory path last (BLOCK_W-slot tiles), beside
+    # the output accumulator.
+    q1, q2 = _load_halves(QR + q_off, rows, row_ok, HALF, HEAD_DIM)
     m_g = tl.full([BLOCK_M], _EMPTY_LSE, dtype=tl.float32)
     l_g = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    m_c = tl.full([BLOCK_M], _EMPTY_LSE, dtype=tl.float32)
-    l_c = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_c = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    k_ptr = K + (bg * Tk + k0) * HEAD_DIM
+    k_ptr = KR + (bg * Tk + k0) * HEAD_DIM
     v_ptr = V + (bg * Tk + k0) * HEAD_DIM
     lo, split, hi = _key_range(m0, nq, off, k_lo, chunk_size, phase, HAS_CHUNK, RANGES,
                                BLOCK_M, BLOCK_N)
-    if USE_GLOBAL:  # tiles fully below the diagonal and before the chunks: no mask
-        m_g, l_g, acc_g, m_c, l_c, acc_c = _fwd_loop(
-            m_g, l_g, acc_g, m_c, l_c, acc_c, q1, q2, rows, k_ptr, v_ptr, ROPE_STEP,
-            off, k_hi, k_lo, q_lo, chunk_size, phase, shift, qk_scale, lo, split,
-            HALF, HEAD_DIM, BLOCK_N, True, False, False, False, ROPE, RANGES, DOT_PREC)
+    if USE_GLOBAL:  # tiles fully below the diagonal and before the chunks: no mask...
+        full = _first_full_tile(lo, split, k_lo, RANGES, BLOCK_N)
+        if RANGES:  # ...but for the keys before k_lo in the first tile
+            m_g, l_g, acc_g, _m, _l, _acc = _fwd_loop(
+                m_g, l_g, acc_g, m_g, l_g, acc_g, q1, q2, rows, k_ptr, v_ptr,
+                off, k_hi, k_lo, q_lo, chunk_size, phase, qk_scale, lo, full,
+                HALF, HEAD_DIM, BLOCK_N, DO_1=True, DO_2=False, MASKED=False, MEM=False,
+                RANGES=True, DOT_PREC=DOT_PREC)
+        m_g, l_g, acc_g, _m, _l, _acc = _fwd_loop(
+            m_g, l_g, acc_g, m_g, l_g, acc_g, q1, q2, rows, k_ptr, v_ptr,
+            off, k_hi, k_lo, q_lo, chunk_size, phase, qk_scale, full, split,
+            HALF, HEAD_DIM, BLOCK_N, DO_1=True, DO_2=False, MASKED=False, MEM=False,
+            RANGES=False, DOT_PREC=DOT_PREC)
+    m_c = tl.full([BLOCK_M], _EMPTY_LSE, dtype=tl.float32)
+    l_c = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_c = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if USE_GLOBAL or HAS_CHUNK:  # chunk window and diagonal: masked, one QK^T per tile
         m_g, l_g, acc_g, m_c, l_c, acc_c = _fwd_loop(
-            m_g, l_g, acc_g, m_c, l_c, acc_c, q1, q2, rows, k_ptr, v_ptr, ROPE_STEP,
-            off, k_hi, k_lo, q_lo, chunk_size, phase, shift, qk_scale, split, hi,
-            HALF, HEAD_DIM, BLOCK_N, USE_GLOBAL, HAS_CHUNK, True, False, ROPE, RANGES,
-            DOT_PREC)
+            m_g, l_g, acc_g, m_c, l_c, acc_c, q1, q2, rows, k_ptr, v_ptr,
+            off, k_hi, k_lo, q_lo, chunk_size, phase, qk_scale, split, hi,
+            HALF, HEAD_DIM, BLOCK_W, DO_1=USE_GLOBAL, DO_2=HAS_CHUNK, MASKED=True, MEM=False,
+            RANGES=RANGES, DOT_PREC=DOT_PREC)
+    out = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if USE_GLOBAL:
         w_g = tl.load(W + h * 3)
         out = _finish_path(out, m_g, l_g, acc_g, w_g, lse_ptr, rows, row_in)
     if HAS_CHUNK:
         w_c = tl.load(W + h * 3 + 1)
         out = _finish_path(out, m_c, l_c, acc_c, w_c, lse_ptr + Tq, rows, row_in)
-
+    if HAS_MEM:  # un-rotated q against the valid (right-aligned) slots of memory row r
+        q1, q2 = _load_halves(Q + q_off, rows, row_ok, HALF, HEAD_DIM)
+        first = S - tl.load(MEMLEN + r)
+        m_m = tl.full([BLOCK_M], _EMPTY_LSE, dtype=tl.float32)
+        l_m = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc_m = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        m_m, l_m, acc_m, _m, _l, _acc = _fwd_loop(
+            m_m, l_m, acc_m, m_m, l_m, acc_m, q1, q2, rows, MK + mg * S * HEAD_DIM,
+            MV + mg * S * HEAD_DIM, off, S, first, q_lo, chunk_size, phase, qk_scale,
+            _mem_range(m0, first, S, q_lo, RANGES, BLOCK_M, BLOCK_W), S,
+            HALF, HEAD_DIM, BLOCK_W, DO_1=True, DO_2=False, MASKED=True, MEM=True, RANGES=RANGES,
+            DOT_PREC=DOT_PREC)
+        w_m = tl.load(W + h * 3 + 2)
+        out = _finish_path(out, m_m, l_m, acc_m, w_m, lse_ptr + 2 * Tq, rows, row_in)
     _store_rows(OUT + q_off, rows, row_in, out, HEAD_DIM)
 
 
@@ -492,11 +558,11 @@ def hybrid_attention_fwd_kernel(
 # Backward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _path_grad(pw, ds, s, dp, lse, di, w, KEY_MAJOR: tl.constexpr):
+def _path_grad(pw, ds, s, dp, lse, di, w, qk_scale, KEY_MAJOR: tl.constexpr):
     """Add path p's w_p * P_p to pw and its score gradient P_p * (w_p dP - DI_p) to ds; also
     return rowsum(P_p * dP) = rowsum(dO * O_p) (M,). s is -inf where masked; tiles are (M, N),
-    or (N, M) when KEY_MAJOR."""
-    p = tl.exp2(s - _along_queries(lse, KEY_MAJOR))
+    or (N, M) when KEY_MAJOR; s unscaled (q . k), lse in log2 units."""
+    p = tl.exp2(s * qk_scale - _along_queries(lse, KEY_MAJOR))
     wp = w * p
     ds = ds + (wp * dp - p * _along_queries(di, KEY_MAJOR))
     if KEY_MAJOR:
@@ -518,12 +584,10 @@ def _row_stat(x, row_ok, LOAD: tl.constexpr):
 @triton.jit
 def _tile_grads(q1, q2, k1, k2, do, v, rows, cols, row_ok, lse1, di1, w1, lse2, di2, w2,
                 off, n_keys, first_key, q_lo, chunk_size, phase, qk_scale,
-                DO_1: tl.constexpr, DO_2, MASKED: tl.constexpr, MEM: tl.constexpr,
+                DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
                 LOAD_STATS: tl.constexpr, KEY_MAJOR: tl.constexpr, RANGES: tl.constexpr,
                 DOT_PREC: tl.constexpr):
     """Recompute one (query tile, key tile) of states 1 and 2 (as in _fwd_loop).
-
-    DO_2 is a constexpr, or a runtime scalar bool (the dk/dv loop's "tile in a chunk window").
 
     q halves (M, HALF), do (M, D), k halves (N, HALF), v (N, D); lse*, di* (M,) and the weights
     w* of the two states; with LOAD_STATS, lse* and di* are (M,) pointers, loaded after the dots
@@ -535,10 +599,10 @@ def _tile_grads(q1, q2, k1, k2, do, v, rows, cols, row_ok, lse1, di1, w1, lse2, 
     M dimension, which is what lets a small query block still use Hopper's wgmma.
     """
     if KEY_MAJOR:
-        s = _scores(k1, k2, q1, q2, qk_scale, DOT_PREC)
+        s = _scores(k1, k2, q1, q2, DOT_PREC)
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     else:
-        s = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
+        s = _scores(q1, q2, k1, k2, DOT_PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, q_lo, chunk_size, phase, MEM,
                           MASKED, DO_2, KEY_MAJOR, RANGES)
@@ -548,28 +612,27 @@ def _tile_grads(q1, q2, k1, k2, do, v, rows, cols, row_ok, lse1, di1, w1, lse2, 
     r2 = r1
     if DO_1:
         pw, ds, r1 = _path_grad(pw, ds, s1, dp, _row_stat(lse1, row_ok, LOAD_STATS),
-                                _row_stat(di1, row_ok, LOAD_STATS), w1, KEY_MAJOR)
+                                _row_stat(di1, row_ok, LOAD_STATS), w1, qk_scale, KEY_MAJOR)
     if DO_2:
         pw, ds, r2 = _path_grad(pw, ds, s2, dp, _row_stat(lse2, row_ok, LOAD_STATS),
-                                _row_stat(di2, row_ok, LOAD_STATS), w2, KEY_MAJOR)
+                                _row_stat(di2, row_ok, LOAD_STATS), w2, qk_scale, KEY_MAJOR)
     return pw, ds, r1, r2
 
 
 @triton.jit
-def _bwd_q_loop(dq1, dq2, r1, r2, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
+def _bwd_q_loop(dq1, dq2, r1, r2, q1, q2, do, rows, k_ptr, v_ptr,
                 lse1, di1, w1, lse2, di2, w2,
-                off, n_keys, first_key, q_lo, chunk_size, phase, shift, qk_scale, lo, hi,
+                off, n_keys, first_key, q_lo, chunk_size, phase, qk_scale, lo, hi,
                 HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                 DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
-                ROPE: tl.constexpr, GRAD_Q: tl.constexpr, RANGES: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                GRAD_Q: tl.constexpr, RANGES: tl.constexpr, DOT_PREC: tl.constexpr):
     """Over key blocks [lo, hi): add rowsum(P dP) of states 1/2 (as in _fwd_loop) to r1, r2 and,
     when GRAD_Q, the query block's dq halves (w.r.t. the q used in the scores) to dq1, dq2."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = _key_mask(cols, n_keys, first_key, RANGES)
-        k1, k2 = _load_rot(k_ptr, cols, col_ok, shift + cols, ROPE_STEP, HALF, HEAD_DIM, ROPE)
-        v = _load_rows(v_ptr, cols, col_ok, HEAD_DIM)
+        k1, k2 = _load_halves(k_ptr, cols, col_ok, HALF, HEAD_DIM, MASK=MASKED or RANGES)
+        v = _load_rows(v_ptr, cols, col_ok, HEAD_DIM, MASK=MASKED or RANGES)
         pw, ds, t1, t2 = _tile_grads(q1, q2, k1, k2, do, v, rows, cols, None, lse1, di1, w1,
                                      lse2, di2, w2, off, n_keys, first_key, q_lo, chunk_size,
                                      phase, qk_scale, DO_1, DO_2, MASKED, MEM, False, False,
@@ -597,11 +660,11 @@ def _store_derived(ptr, rows, row_in, Tq, x, USE_GLOBAL: tl.constexpr, HAS_CHUNK
 
 @triton.jit
 def hybrid_attention_bwd_preprocess_kernel(
-    Q, K, V, MK, MV, OUT, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DW, KV_START, KV_END, CU_Q, CU_K,
+    Q, QR, KR, V, MK, MV, OUT, DO, W, MEMLEN, LSE, DI, DW, KV_START, KV_END, CU_Q, CU_K,
     PHASE, H, G, Tq, Tk, S, chunk_size, chunk_phase, start_pos, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
-    ROPE: tl.constexpr, RANGES: tl.constexpr, PACKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    RANGES: tl.constexpr, PACKED: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """One program per (query block, row or document, h): DI of every path that is on, and DW
     of every path but the derived one (see the module docstring). The memory path (S slots)
@@ -624,32 +687,31 @@ def hybrid_attention_bwd_preprocess_kernel(
     zero = tl.zeros([BLOCK_M], dtype=tl.float32)
     no_dq = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
     if HAS_MEM and (USE_GLOBAL or HAS_CHUNK):
-        q1, q2 = _load_rot(Q + q_off, rows, row_ok, rows, ROPE_STEP, HALF, HEAD_DIM, False)
+        q1, q2 = _load_halves(Q + q_off, rows, row_ok, HALF, HEAD_DIM)
         lse = tl.load(lse_ptr + 2 * Tq + rows, mask=row_ok, other=0.0)
         first = S - tl.load(MEMLEN + r)
         _dq1, _dq2, rs, _r = _bwd_q_loop(
             no_dq, no_dq, zero, zero, q1, q2, do, rows, MK + mg * S * HEAD_DIM,
-            MV + mg * S * HEAD_DIM, ROPE_STEP, lse, zero, 0.0, lse, zero, 0.0,
-            off, S, first, q_lo, 1, 0, 0, qk_scale,
+            MV + mg * S * HEAD_DIM, lse, zero, 0.0, lse, zero, 0.0,
+            off, S, first, q_lo, 1, 0, qk_scale,
             _mem_range(m0, first, S, q_lo, RANGES, BLOCK_M, BLOCK_N), S,
-            HALF, HEAD_DIM, BLOCK_N, True, False, True, True, False, False, RANGES,
-            DOT_PREC)
+            HALF, HEAD_DIM, BLOCK_N, DO_1=True, DO_2=False, MASKED=True, MEM=True,
+            GRAD_Q=False, RANGES=RANGES, DOT_PREC=DOT_PREC)
         w = tl.load(W + h * 3 + 2)
         tl.store(dw_ptr + 2 * Tq + rows, rs, mask=row_in)
         tl.store(di_ptr + 2 * Tq + rows, w * rs, mask=row_in)
         di -= w * rs
     if HAS_CHUNK and USE_GLOBAL:
-        q1, q2 = _load_rot(Q + q_off, rows, row_ok, shift + off + rows, ROPE_STEP, HALF,
-                           HEAD_DIM, ROPE)
+        q1, q2 = _load_halves(QR + q_off, rows, row_ok, HALF, HEAD_DIM)
         lse = tl.load(lse_ptr + Tq + rows, mask=row_ok, other=0.0)
         _lo, split, hi = _key_range(m0, nq, off, k_lo, chunk_size, phase, True, RANGES,
                                     BLOCK_M, BLOCK_N)
         _dq1, _dq2, _r, rs = _bwd_q_loop(
-            no_dq, no_dq, zero, zero, q1, q2, do, rows, K + (bg * Tk + k0) * HEAD_DIM,
-            V + (bg * Tk + k0) * HEAD_DIM, ROPE_STEP, lse, zero, 0.0, lse, zero, 0.0,
-            off, k_hi, k_lo, q_lo, chunk_size, phase, shift, qk_scale, split, hi,
-            HALF, HEAD_DIM, BLOCK_N, False, True, True, False, ROPE, False, RANGES,
-            DOT_PREC)
+            no_dq, no_dq, zero, zero, q1, q2, do, rows, KR + (bg * Tk + k0) * HEAD_DIM,
+            V + (bg * Tk + k0) * HEAD_DIM, lse, zero, 0.0, lse, zero, 0.0,
+            off, k_hi, k_lo, q_lo, chunk_size, phase, qk_scale, split, hi,
+            HALF, HEAD_DIM, BLOCK_N, DO_1=False, DO_2=True, MASKED=True, MEM=False,
+            GRAD_Q=False, RANGES=RANGES, DOT_PREC=DOT_PREC)
         w = tl.load(W + h * 3 + 1)
         tl.store(dw_ptr + Tq + rows, rs, mask=row_in)
         tl.store(di_ptr + Tq + rows, w * rs, mask=row_in)
@@ -659,14 +721,15 @@ def hybrid_attention_bwd_preprocess_kernel(
 
 @triton.jit
 def hybrid_attention_bwd_dq_kernel(
-    Q, K, V, MK, MV, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DW, DQ, KV_START, KV_END, CU_Q, CU_K,
+    Q, QR, KR, V, MK, MV, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DW, DQ, KV_START, KV_END, CU_Q, CU_K,
     PHASE, H, G, Tq, Tk, S, chunk_size, chunk_phase, start_pos, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
     ROPE: tl.constexpr, RANGES: tl.constexpr, PACKED: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """One program per (query block, row or document, h): dq of all three paths (no atomics),
-    and the derived path's DW."""
+    and the derived path's DW. The global and chunk paths' dq, w.r.t. the rotated q, is rotated
+    back once (ROPE: by -angle at the query positions) before the memory path's is added."""
     HALF: tl.constexpr = HEAD_DIM // 2
     (h, bg, mg, m0, rows, row_in, row_ok, q_off, stats_off, r, nq, k0, k_lo, k_hi, off, shift,
      phase) = _query_program(H, G, Tq, Tk, chunk_phase, start_pos, KV_START, KV_END, CU_Q, CU_K,
@@ -684,45 +747,51 @@ def hybrid_attention_bwd_dq_kernel(
     r_c = tl.zeros([BLOCK_M], dtype=tl.float32)
     r_m = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    q_pos = shift + off + rows
-    q1, q2 = _load_rot(Q + q_off, rows, row_ok, q_pos, ROPE_STEP, HALF, HEAD_DIM, ROPE)
+    q1, q2 = _load_halves(QR + q_off, rows, row_ok, HALF, HEAD_DIM)
     lse_g = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     di_g = tl.load(di_ptr + rows, mask=row_ok, other=0.0)
     lse_c = tl.load(lse_ptr + Tq + rows, mask=row_ok, other=0.0)
     di_c = tl.load(di_ptr + Tq + rows, mask=row_ok, other=0.0)
     w_g = tl.load(W + h * 3)
     w_c = tl.load(W + h * 3 + 1)
-    k_ptr = K + (bg * Tk + k0) * HEAD_DIM
+    k_ptr = KR + (bg * Tk + k0) * HEAD_DIM
     v_ptr = V + (bg * Tk + k0) * HEAD_DIM
     lo, split, hi = _key_range(m0, nq, off, k_lo, chunk_size, phase, HAS_CHUNK, RANGES,
                                BLOCK_M, BLOCK_N)
     if USE_GLOBAL:  # same tile split as the forward
+        full = _first_full_tile(lo, split, k_lo, RANGES, BLOCK_N)
+        if RANGES:
+            dq1, dq2, r_g, r_c = _bwd_q_loop(
+                dq1, dq2, r_g, r_c, q1, q2, do, rows, k_ptr, v_ptr,
+                lse_g, di_g, w_g, lse_c, di_c, w_c, off, k_hi, k_lo, q_lo, chunk_size, phase,
+                qk_scale, lo, full, HALF, HEAD_DIM, BLOCK_N, DO_1=True, DO_2=False,
+                MASKED=False, MEM=False, GRAD_Q=True, RANGES=True, DOT_PREC=DOT_PREC)
         dq1, dq2, r_g, r_c = _bwd_q_loop(
-            dq1, dq2, r_g, r_c, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
-            lse_g, di_g, w_g, lse_c, di_c, w_c, off, k_hi, k_lo, q_lo, chunk_size, phase, shift,
-            qk_scale, lo, split, HALF, HEAD_DIM, BLOCK_N, True, False, False, False, ROPE, True,
-            RANGES, DOT_PREC)
+            dq1, dq2, r_g, r_c, q1, q2, do, rows, k_ptr, v_ptr,
+            lse_g, di_g, w_g, lse_c, di_c, w_c, off, k_hi, k_lo, q_lo, chunk_size, phase,
+            qk_scale, full, split, HALF, HEAD_DIM, BLOCK_N, DO_1=True, DO_2=False, MASKED=False,
+            MEM=False, GRAD_Q=True, RANGES=False, DOT_PREC=DOT_PREC)
     if USE_GLOBAL or HAS_CHUNK:
         dq1, dq2, r_g, r_c = _bwd_q_loop(
-            dq1, dq2, r_g, r_c, q1, q2, do, rows, k_ptr, v_ptr, ROPE_STEP,
-            lse_g, di_g, w_g, lse_c, di_c, w_c, off, k_hi, k_lo, q_lo, chunk_size, phase, shift,
-            qk_scale, split, hi, HALF, HEAD_DIM, BLOCK_N, USE_GLOBAL, HAS_CHUNK, True, False,
-            ROPE, True, RANGES, DOT_PREC)
+            dq1, dq2, r_g, r_c, q1, q2, do, rows, k_ptr, v_ptr,
+            lse_g, di_g, w_g, lse_c, di_c, w_c, off, k_hi, k_lo, q_lo, chunk_size, phase,
+            qk_scale, split, hi, HALF, HEAD_DIM, BLOCK_N, DO_1=USE_GLOBAL, DO_2=HAS_CHUNK,
+            MASKED=True, MEM=False, GRAD_Q=True, RANGES=RANGES, DOT_PREC=DOT_PREC)
     if ROPE:
-        dq1, dq2 = _rope(dq1, dq2, q_pos, ROPE_STEP, HALF, -1)
+        dq1, dq2 = _rope(dq1, dq2, shift + off + rows, ROPE_STEP, HALF, -1)
 
     if HAS_MEM:
-        q1, q2 = _load_rot(Q + q_off, rows, row_ok, rows, ROPE_STEP, HALF, HEAD_DIM, False)
+        q1, q2 = _load_halves(Q + q_off, rows, row_ok, HALF, HEAD_DIM)
         lse_m = tl.load(lse_ptr + 2 * Tq + rows, mask=row_ok, other=0.0)
         di_m = tl.load(di_ptr + 2 * Tq + rows, mask=row_ok, other=0.0)
         w_m = tl.load(W + h * 3 + 2)
         first = S - tl.load(MEMLEN + r)
         dq1, dq2, r_m, _r = _bwd_q_loop(
             dq1, dq2, r_m, r_m, q1, q2, do, rows, MK + mg * S * HEAD_DIM, MV + mg * S * HEAD_DIM,
-            ROPE_STEP, lse_m, di_m, w_m, lse_m, di_m, w_m, off, S, first, q_lo, 1, 0, 0,
+            lse_m, di_m, w_m, lse_m, di_m, w_m, off, S, first, q_lo, 1, 0,
             qk_scale, _mem_range(m0, first, S, q_lo, RANGES, BLOCK_M, BLOCK_N), S,
-            HALF, HEAD_DIM, BLOCK_N, True, False, True, True, False, True, RANGES,
-            DOT_PREC)
+            HALF, HEAD_DIM, BLOCK_N, DO_1=True, DO_2=False, MASKED=True, MEM=True, GRAD_Q=True,
+            RANGES=RANGES, DOT_PREC=DOT_PREC)
     _store_halves(DQ + q_off, rows, row_in, dq1 * scale, dq2 * scale, HALF, HEAD_DIM)
     if USE_GLOBAL:
         rs = r_g
@@ -744,21 +813,22 @@ def _keys_first(x, KEY_MAJOR: tl.constexpr):
 
 @triton.jit
 def _bwd_kv_loop(dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, rep,
-                 ROPE_STEP, Tq, q0, nq, off, n_keys, first_key, q_lo, chunk_size, phase, shift,
-                 qk_scale, lo, split, hi,
+                 Tq, q0, nq, off, n_keys, first_key, q_lo, chunk_size, phase,
+                 qk_scale, lo, hi,
                  P1: tl.constexpr, P2: tl.constexpr,
                  HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                 DO_1: tl.constexpr, DO_2: tl.constexpr, MEM: tl.constexpr,
-                 ROPE: tl.constexpr, KEY_MAJOR: tl.constexpr, RANGES: tl.constexpr,
+                 DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr,
+                 MEM: tl.constexpr, KEY_MAJOR: tl.constexpr, RANGES: tl.constexpr,
                  DOT_PREC: tl.constexpr):
     """Accumulate the key block's (rotated) dk halves and dv over the query blocks [lo, hi) of
-    each of the rep query heads g * rep + j of the group, as one flat loop (one loop body: the
-    registers of a second copy of the tile code would stay allocated across the first).
-    The row's queries are q0 .. q0 + nq of the Tq axis; with RANGES those before q_lo (padding
-    queries) load as 0. States 1/2 are the paths P1/P2 (rows of LSE/DI, columns of W); state 2
-    is computed only for the query blocks before split (the chunk window: past it, no row sees
-    the key block through state 2). KEY_MAJOR: see _tile_grads (the launcher sets it with the
-    sm_90 tiles; elsewhere the transposes are cheaper in registers)."""
+    each of the rep query heads g * rep + j of the group, as one flat loop over (head, query
+    block). The row's queries are q0 .. q0 + nq of the Tq axis; rows past nq and, with
+    RANGES, padding queries (before q_lo) load as 0 (and so contribute 0). States 1/2 are the
+    paths P1/P2 (rows of LSE/DI, columns of W). MASKED=False: the query blocks see every key
+    of the block through state 1 only, and the scores get no mask at all (the caller zeroes
+    the rows of keys outside the row's range afterwards). KEY_MAJOR: see _tile_grads (the
+    launcher sets it with the sm_90 tiles; elsewhere the transposes are cheaper in
+    registers)."""
     n_blocks = tl.cdiv(hi - lo, BLOCK_M)
     for t in range(0, rep * n_blocks):
         j = t // n_blocks
@@ -774,14 +844,14 @@ def _bwd_kv_loop(dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, rep,
         row_ok = rows < nq
         if RANGES:
             row_ok = row_ok & (rows >= q_lo)
-        q1, q2 = _load_rot(Q + q_off, rows, row_ok, shift + off + rows, ROPE_STEP, HALF,
-                           HEAD_DIM, ROPE)
+        q1, q2 = _load_halves(Q + q_off, rows, row_ok, HALF, HEAD_DIM)
         do = _load_rows(DO + q_off, rows, row_ok, HEAD_DIM)
         pw, ds, _r1, _r2 = _tile_grads(
             q1, q2, k1, k2, do, v, rows, cols, row_ok, stats + P1 * Tq + rows,
             dstats + P1 * Tq + rows, w1, stats + P2 * Tq + rows, dstats + P2 * Tq + rows, w2,
-            off, n_keys, first_key, q_lo, chunk_size, phase, qk_scale, DO_1,
-            (start_m < split) & DO_2, True, MEM, True, KEY_MAJOR, RANGES, DOT_PREC)
+            off, n_keys, first_key, q_lo, chunk_size, phase, qk_scale, DO_1=DO_1, DO_2=DO_2,
+            MASKED=MASKED, MEM=MEM, LOAD_STATS=True, KEY_MAJOR=KEY_MAJOR,
+            RANGES=RANGES and MASKED, DOT_PREC=DOT_PREC)
         dv = tl.dot(_keys_first(pw.to(do.dtype), KEY_MAJOR), do, dv, input_precision=DOT_PREC)
         ds = _keys_first(ds.to(q1.dtype), KEY_MAJOR)
         dk1 = tl.dot(ds, q1, dk1, input_precision=DOT_PREC)
@@ -791,16 +861,19 @@ def _bwd_kv_loop(dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, rep,
 
 @triton.jit
 def hybrid_attention_bwd_dkdv_kernel(
-    Q, K, V, DO, W, ROPE_STEP, LSE, DI, DK, DV, KV_START, KV_END, CU_Q, CU_K, PHASE,
+    QR, KR, V, DO, W, ROPE_STEP, LSE, DI, DK, DV, KV_START, KV_END, CU_Q, CU_K, PHASE,
     H, G, Tq, Tk, chunk_size, chunk_phase, start_pos, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, ROPE: tl.constexpr,
     RANGES: tl.constexpr, PACKED: tl.constexpr, KEY_MAJOR: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """One program per (key block, row or document, g): dk, dv of the global and chunk paths,
     summed over the H/G query heads of the group in a fixed order (deterministic, no atomics).
-    Keys outside the row's valid range get exact zeros."""
+    Keys outside the row's valid range get exact zeros. QR, KR: rotated q and k; dk, w.r.t. the
+    rotated k, is rotated back once (ROPE) before the store. Query tiles: BLOCK_W queries (a
+    divisor of BLOCK_M) in the masked loop (diagonal and chunk windows, two states), BLOCK_M in
+    the unmasked one."""
     HALF: tl.constexpr = HEAD_DIM // 2
     n0 = tl.program_id(0) * BLOCK_N
     r = tl.program_id(1)
@@ -818,7 +891,7 @@ def hybrid_attention_bwd_dkdv_kernel(
     cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = _key_mask(cols, k_hi, k_lo, RANGES)
     kv_off = (bg * Tk + k0) * HEAD_DIM
-    k1, k2 = _load_rot(K + kv_off, cols, col_ok, shift + cols, ROPE_STEP, HALF, HEAD_DIM, ROPE)
+    k1, k2 = _load_halves(KR + kv_off, cols, col_ok, HALF, HEAD_DIM)
     v = _load_rows(V + kv_off, cols, col_ok, HEAD_DIM)
     dk1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
@@ -827,23 +900,34 @@ def hybrid_attention_bwd_dkdv_kernel(
     # the whole block through the global path only.
     lo, split, hi = _query_range(n0, nq, off, k_lo, k_hi, chunk_size, phase, HAS_CHUNK, RANGES,
                                  BLOCK_M, BLOCK_N)
-    if not USE_GLOBAL:
-        hi = split
     dk1, dk2, dv = _bwd_kv_loop(
-        dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, H // G,
-        ROPE_STEP, Tq, q0, nq, off, k_hi, k_lo, k_lo - off, chunk_size, phase, shift, qk_scale,
-        lo, split, hi, 0, 1, HALF, HEAD_DIM, BLOCK_M, USE_GLOBAL, HAS_CHUNK, False, ROPE,
-        KEY_MAJOR, RANGES, DOT_PREC)
+        dk1, dk2, dv, k1, k2, v, cols, QR, DO, LSE, DI, W, b, H, g, H // G,
+        Tq, q0, nq, off, k_hi, k_lo, k_lo - off, chunk_size, phase, qk_scale,
+        lo, split, P1=0, P2=1, HALF=HALF, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_W,
+        DO_1=USE_GLOBAL, DO_2=HAS_CHUNK, MASKED=True, MEM=False, KEY_MAJOR=KEY_MAJOR,
+        RANGES=RANGES, DOT_PREC=DOT_PREC)
+    if USE_GLOBAL:
+        dk1, dk2, dv = _bwd_kv_loop(
+            dk1, dk2, dv, k1, k2, v, cols, QR, DO, LSE, DI, W, b, H, g, H // G,
+            Tq, q0, nq, off, k_hi, k_lo, k_lo - off, chunk_size, phase, qk_scale,
+            split, hi, P1=0, P2=1, HALF=HALF, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+            DO_1=True, DO_2=False, MASKED=False, MEM=False, KEY_MAJOR=KEY_MAJOR,
+            RANGES=RANGES, DOT_PREC=DOT_PREC)
+        # keys outside the row's range (the last block's tail; with RANGES, also before k_lo)
+        # got unmasked contributions there: their gradients are exact zeros
+        dk1 = tl.where(col_ok[:, None], dk1, 0.0)
+        dk2 = tl.where(col_ok[:, None], dk2, 0.0)
+        dv = tl.where(col_ok[:, None], dv, 0.0)
+    st_ok = cols < n_store
+    _store_rows(DV + kv_off, cols, st_ok, dv, HEAD_DIM)  # first: frees its registers for RoPE
     if ROPE:
         dk1, dk2 = _rope(dk1, dk2, shift + cols, ROPE_STEP, HALF, -1)
-    st_ok = cols < n_store
     _store_halves(DK + kv_off, cols, st_ok, dk1 * scale, dk2 * scale, HALF, HEAD_DIM)
-    _store_rows(DV + kv_off, cols, st_ok, dv, HEAD_DIM)
 
 
 @triton.jit
 def hybrid_attention_bwd_dmem_kernel(
-    Q, MK, MV, DO, W, MEMLEN, ROPE_STEP, LSE, DI, DMK, DMV, KV_START, KV_END, CU_Q, CU_K, PHASE,
+    Q, MK, MV, DO, W, MEMLEN, LSE, DI, DMK, DMV, KV_START, KV_END, CU_Q, CU_K, PHASE,
     H, G, Tq, Tk, S, n_split, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     RANGES: tl.constexpr, PACKED: tl.constexpr, KEY_MAJOR: tl.constexpr,
@@ -869,7 +953,7 @@ def hybrid_attention_bwd_dmem_kernel(
     cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < S
     kv_off = mg * S * HEAD_DIM
-    k1, k2 = _load_rot(MK + kv_off, cols, col_ok, cols, ROPE_STEP, HALF, HEAD_DIM, False)
+    k1, k2 = _load_halves(MK + kv_off, cols, col_ok, HALF, HEAD_DIM)
     v = _load_rows(MV + kv_off, cols, col_ok, HEAD_DIM)
     dk1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
@@ -883,8 +967,9 @@ def hybrid_attention_bwd_dmem_kernel(
     hi = tl.maximum(tl.minimum(hi, lo + part), lo)
     dk1, dk2, dv = _bwd_kv_loop(
         dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, H // G,
-        ROPE_STEP, Tq, q0, nq, 0, S, first, q_lo, 1, 0, 0, qk_scale, lo, lo, hi, 2, 2,
-        HALF, HEAD_DIM, BLOCK_M, True, False, True, False, KEY_MAJOR, RANGES, DOT_PREC)
+        Tq, q0, nq, 0, S, first, q_lo, 1, 0, qk_scale, lo, hi, P1=2, P2=2,
+        HALF=HALF, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, DO_1=True, DO_2=False, MASKED=True,
+        MEM=True, KEY_MAJOR=KEY_MAJOR, RANGES=RANGES, DOT_PREC=DOT_PREC)
     part_off = split.to(tl.int64) * tl.num_programs(1) * G * S * HEAD_DIM + kv_off
     _store_halves(DMK + part_off, cols, col_ok, dk1 * scale, dk2 * scale, HALF, HEAD_DIM)
     _store_rows(DMV + part_off, cols, col_ok, dv, HEAD_DIM)

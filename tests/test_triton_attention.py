@@ -159,10 +159,12 @@ def test_bf16_on_gpu(case):
 @pytest.mark.parametrize("blocks, key_major", [((32, 16), False), ((16, 32), True)])
 def test_rectangular_blocks(monkeypatch, blocks, key_major):
     """GPU configs use BLOCK_M != BLOCK_N: check the block-range logic with both shapes (and the
-    key-major dk/dv tiles of the sm_90 configurations)."""
+    key-major dk/dv tiles of the sm_90 configurations), with 16-wide tiles in the masked loops
+    (BLOCK_W: 16 keys in the forward against BLOCK_N = 16 / 32, 16 queries in dk/dv against
+    BLOCK_M = 32 / 16)."""
     bm, bn = blocks
-    monkeypatch.setattr(ta, "block_config", lambda kind, dtype, d, interpret=None, arch=80: dict(
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1, KEY_MAJOR=key_major))
+    monkeypatch.setattr(ta, "block_config", lambda kind, dtype, d, interpret=None, arch=80, **kw: dict(
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1, KEY_MAJOR=key_major, BLOCK_W=16))
     check_case(F32, 1, 2, 1, 45, 53, 32, 37, (21,), 12, True, 10000.0, 1)
     check_case(F16, 1, 2, 2, 40, 40, 32, 0, None, 20, False, 10000.0, 0)
 
@@ -175,8 +177,8 @@ def test_gpu_block_configs(monkeypatch, dtype, D, T, arch):
     the block-range logic): fp16 (64 / 32, 32 / 32 and, on sm_90, 64-row and 64-key tiles) and
     fp32 at D = 128."""
     real = ta.block_config
-    monkeypatch.setattr(ta, "block_config", lambda kind, dt, d, interpret=None, arch=80, _arch=arch: real(
-        kind, dt, d, interpret=False, arch=_arch))
+    monkeypatch.setattr(ta, "block_config", lambda kind, dt, d, interpret=None, arch=80, layout="",
+                        _arch=arch: real(kind, dt, d, interpret=False, arch=_arch, layout=layout))
     check_case(dtype, 1, 2, 1, T, T + 5, D, 40, (33,), 24, True, 10000.0, 0)
 
 

@@ -232,8 +232,8 @@ def test_ranges_rectangular_blocks(monkeypatch, blocks, key_major):
     """Rectangular tiles (as the GPU configurations) and the key-major dk/dv tiles of sm_90 with
     ranges (fp32) and packed documents (fp16), against the reference."""
     bm, bn = blocks
-    monkeypatch.setattr(ta, "block_config", lambda kind, dtype, d, interpret=None, arch=80: dict(
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1, KEY_MAJOR=key_major))
+    monkeypatch.setattr(ta, "block_config", lambda kind, dtype, d, interpret=None, arch=80, **kw: dict(
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1, KEY_MAJOR=key_major, BLOCK_W=16))
     args = make_args(F32, 3, 2, 1, 37, 53, 32, 9, (9, 4, 0), seed=13)
     kwargs = dict(chunk_size=12, use_global=True, rope_base=10000.0, start_pos=i64(5, 0, 40),
                   scale=0.2, kv_start=i32(3, 20, 0), kv_end=i32(53, 41, 37))
