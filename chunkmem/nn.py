@@ -45,7 +45,10 @@ A state keeps its representation (an empty memory is zeros with mem_len 0, so ``
 memory, in ``forward`` and in the cached path of ``generate``/``extend`` alike, so the two stay
 equal. Off by default: with K > 0 the model has new parameters (old checkpoints lack
 ``memory_init``) and different first-segment math. Training: ``TrainConfig.init_slots``
-(``python -m chunkmem.train train --init-slots K``), saved in the checkpoint's config.
+(``python -m chunkmem.train train --init-slots K``), saved in the checkpoint's config. Measured
+(cpu-small, ``bench/results/cpu-amd-epyc/lm_compare_v3.md``): K = 8 helps a document's first
+segment in text-only training and, in joint text + recall training, only together with
+``recall_carry`` (otherwise the learned slots mark a recall document start as an empty memory did).
 """
 from __future__ import annotations
 
