@@ -99,17 +99,20 @@ BACKWARD_KINDS = KERNEL_KINDS[1:]
 # 2-16 warps, 1-2 stages; at best 8 bytes, or spill-free under one Triton version only).
 # Re-swept when the kernels gained the per-row range and document code (compiled in every
 # variant): fp16/bf16 preprocess at D = 64 (4 -> 8 warps), fp32 preprocess and dq at D = 32
-# (1 -> 2 stages) spilled 8-24 bytes under one of the two Triton versions.
+# (1 -> 2 stages) spilled 8-24 bytes under one of the two Triton versions. Re-swept again for the
+# kernels without in-loop RoPE and for the three row layouts compiled separately: fp16/bf16 dq
+# and dk/dv at D = 64, fp32 preprocess at D = 64 / 128, dq at D = 64 / 128 and dk/dv at
+# D = 64 / 128 spilled 8-16 bytes in some layout under one of the two versions.
 _GPU_CONFIGS = {
     ("fwd", 2): {32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
     ("bwd_preprocess", 2): {32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (32, 16, 8, 2)},
-    ("bwd_dq", 2): {32: (64, 32, 4, 2), 64: (16, 32, 4, 1), 128: (32, 32, 8, 2)},
-    ("bwd_dkdv", 2): {32: (32, 32, 4, 2), 64: (32, 16, 8, 1), 128: (16, 16, 8, 1)},
+    ("bwd_dq", 2): {32: (64, 32, 4, 2), 64: (32, 32, 4, 1), 128: (32, 32, 8, 2)},
+    ("bwd_dkdv", 2): {32: (32, 32, 4, 2), 64: (32, 32, 8, 1), 128: (16, 16, 8, 1)},
     ("bwd_dmem", 2): {32: (32, 32, 4, 1), 64: (32, 32, 8, 2), 128: (32, 32, 8, 1)},
     ("fwd", 4): {32: (16, 16, 4, 1), 64: (16, 16, 8, 1), 128: (16, 16, 4, 1), 256: (16, 16, 8, 1)},
-    ("bwd_preprocess", 4): {32: (16, 16, 4, 2), 64: (16, 16, 8, 2), 128: (16, 16, 16, 2)},
-    ("bwd_dq", 4): {32: (16, 16, 8, 2), 64: (16, 16, 8, 1), 128: (16, 16, 16, 2)},
-    ("bwd_dkdv", 4): {32: (16, 16, 4, 2), 64: (16, 16, 8, 1), 128: (32, 32, 16, 1)},
+    ("bwd_preprocess", 4): {32: (16, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 8, 2)},
+    ("bwd_dq", 4): {32: (16, 16, 8, 2), 64: (16, 16, 8, 2), 128: (16, 16, 8, 2)},
+    ("bwd_dkdv", 4): {32: (16, 16, 4, 2), 64: (16, 16, 8, 2), 128: (32, 16, 16, 1)},
     ("bwd_dmem", 4): {32: (16, 16, 8, 1), 64: (16, 16, 2, 1), 128: (16, 16, 8, 1)},
 }
 

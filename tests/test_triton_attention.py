@@ -7,7 +7,10 @@ wrong), it is covered by `python -m chunkmem.compile_check` only.
 Tolerance (FlashAttention's rule): for the output and each gradient,
     max|kernel - ref64| <= 2 * max|ref_low - ref64| + FLOOR[dtype] * max(1, max|ref64|)
 where ref64 is the reference computed in float64 and ref_low the reference computed entirely in
-the test dtype (fp32 or fp16) -- the error a plain PyTorch implementation makes in that precision.
+the test dtype (fp32 or fp16) -- the error a plain PyTorch implementation makes in that precision
+(the torch backend is not that comparator on CPU: it computes fp16 inputs in fp32 there).
+test_weight_mixes applies the rule to path-weight mixes that stress the backward's derived
+row statistic: one path at 0.9 or at 0.01, rows whose paths see a single key, global off.
 FLOOR: fp32 2e-6, fp16 2e-3, bf16 1.6e-2 (8x fp16's: 3 fewer mantissa bits), relative to the
 magnitude of the reference. bf16 runs on a GPU only (test_bf16_on_gpu).
 """
@@ -68,8 +71,10 @@ def run(fn, args, kwargs, dout, **extra):
 
 
 def check_case(dtype, B, H, G, Tq, Tk, D, S=0, mem_len=None, chunk_size=None, use_global=True,
-               rope_base=None, start_pos=0, seed=0):
+               rope_base=None, start_pos=0, seed=0, weights=None):
     args = make_inputs(dtype, B, H, G, Tq, Tk, D, S, mem_len, chunk_size, use_global, seed)
+    if weights is not None:  # (w_g, w_c, w_m) for every head
+        args[5] = torch.tensor([weights] * H, dtype=torch.float32, device=DEVICE)
     kwargs = dict(chunk_size=chunk_size, use_global=use_global, rope_base=rope_base,
                   start_pos=start_pos, scale=1.0 / math.sqrt(D))
     assert ta.unsupported_reason(*args, **kwargs) is None
@@ -143,6 +148,28 @@ CASES = {
 def test_forward_and_gradients(case):
     dtype, B, H, G, Tq, Tk, D, S, ml, C, glob, rope, sp = CASES[case]
     check_case(dtype, B, H, G, Tq, Tk, D, S, ml, C, glob, rope, sp)
+
+
+# Path weight mixes (the backward derives one path's row statistic from the output, so a path
+# with a small weight, a dominant one, or rows with a single key stress its precision), fp16:
+# (B, H, G, Tq, Tk, D, S, mem_len, chunk_size, use_global, rope_base, weights)
+WEIGHT_CASES = {
+    "dominant_global": (1, 2, 1, 37, 37, 32, 8, (6,), 7, True, 10000.0, (0.9, 0.08, 0.02)),
+    "dominant_memory": (1, 2, 1, 37, 37, 32, 8, (6,), 7, True, 10000.0, (0.02, 0.08, 0.9)),
+    "global_at_0.01": (1, 2, 1, 37, 37, 32, 8, (6,), 7, True, 10000.0, (0.01, 0.5, 0.49)),
+    "chunk_at_0.01": (1, 2, 1, 37, 37, 32, 8, (6,), 7, True, 10000.0, (0.5, 0.01, 0.49)),
+    "memory_at_0.01": (1, 2, 1, 37, 37, 32, 8, (6,), 7, True, 10000.0, (0.5, 0.49, 0.01)),
+    # chunk_size 1: every row's chunk path sees one key; Tq = Tk = 1: so does the global path
+    "single_key_rows": (1, 2, 1, 1, 1, 32, 4, (3,), 1, True, None, (0.4, 0.3, 0.3)),
+    "chunk1_rows": (1, 2, 1, 19, 19, 32, 4, (3,), 1, True, None, (0.4, 0.3, 0.3)),
+    "no_global_t256": (1, 1, 1, 256, 256, 32, 16, (16,), 16, False, None, (0.0, 0.05, 0.95)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WEIGHT_CASES))
+def test_weight_mixes(case):
+    B, H, G, Tq, Tk, D, S, ml, C, glob, rope, w = WEIGHT_CASES[case]
+    check_case(F16, B, H, G, Tq, Tk, D, S, ml, C, glob, rope, 0, seed=3, weights=w)
 
 
 @pytest.mark.parametrize("case", ["all_paths_f16", "d128_all_paths_f16", "d256_global_mem_f16",
