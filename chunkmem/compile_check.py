@@ -206,8 +206,9 @@ def main(argv=None) -> int:
 # ----------------------------------------------------------------------------------------------
 # Flag sets each attention kernel is compiled with (from its plain-rows variant of
 # compile_variants(); only the constexprs a kernel has are set; duplicates are dropped). The
-# last two are the other row layouts that launches compile (per-row key ranges, packed
-# documents), with every path on.
+# ranges and packed sets are the other row layouts that launches compile (per-row key ranges,
+# packed documents), with every path on; chunk+mem+rope is the linear-cost mode
+# (use_global=False).
 _THREE_PATHS = dict(USE_GLOBAL=True, HAS_CHUNK=True, HAS_MEM=True, ROPE=True)
 FLAG_SETS = {
     "global": dict(USE_GLOBAL=True, HAS_CHUNK=False, HAS_MEM=False, ROPE=False, RANGES=False,
@@ -217,6 +218,8 @@ FLAG_SETS = {
     "3paths+rope": dict(_THREE_PATHS, RANGES=False, PACKED=False),
     "3paths+rope+ranges": dict(_THREE_PATHS, RANGES=True, PACKED=False),
     "3paths+rope+packed": dict(_THREE_PATHS, RANGES=False, PACKED=True),
+    "chunk+mem+rope": dict(USE_GLOBAL=False, HAS_CHUNK=True, HAS_MEM=True, ROPE=True,
+                           RANGES=False, PACKED=False),
 }
 _FLAG_NAMES = (("USE_GLOBAL", "G"), ("HAS_CHUNK", "C"), ("HAS_MEM", "M"), ("ROPE", "rope"),
                ("RANGES", "ranges"), ("PACKED", "packed"))
@@ -339,8 +342,9 @@ def _cost_jobs(args) -> list:
                     or next(iter(v["signature"].values())) != "*" + args.dtype):
                 continue
             for fs in sets:
-                if v.get("layout", "") != _layout(FLAG_SETS[fs]):
-                    continue  # the set compiles the variant of its own row layout
+                if (v.get("layout", "") != _layout(FLAG_SETS[fs]) or v.get("mode", "")
+                        != triton_attention.path_mode(_kind(v), FLAG_SETS[fs])):
+                    continue  # the set compiles the variant of its own row layout and path set
                 cx = dict(v["constexprs"])
                 cx.update({k: x for k, x in FLAG_SETS[fs].items() if k in cx})
                 cx.update({k: x for k, x in overrides.items() if k in cx})

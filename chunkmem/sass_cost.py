@@ -321,9 +321,25 @@ def _python_fn(fn):
     return getattr(fn, "fn", fn)
 
 
+def _live_nodes(node, env):
+    """The nodes under `node` (as ast.walk) but those of the branches of an `if` that its
+    constexpr test (evaluated in env) rules out: code the compiler drops."""
+    yield node
+    if isinstance(node, ast.If):
+        test = _try_eval(node.test, env)
+        branches = [node.body] if test is True else [node.orelse] if test is False else [
+            [node.test], node.body, node.orelse]
+        children = [n for branch in branches for n in branch]
+    else:
+        children = ast.iter_child_nodes(node)
+    for child in children:
+        yield from _live_nodes(child, env)
+
+
 def kernel_calls(kernel, constexprs: dict) -> list:
-    """Every call in the kernel's body to a function of its module that has Python parameters
-    (a @triton.jit helper), with the arguments bound to parameter names and evaluated."""
+    """Every call in the kernel's body, but in branches its constexprs rule out, to a function
+    of its module that has Python parameters (a @triton.jit helper), with the arguments bound
+    to parameter names and evaluated."""
     py = _python_fn(kernel)
     module = inspect.getmodule(py)
     lines, start = inspect.getsourcelines(py)
@@ -336,7 +352,7 @@ def kernel_calls(kernel, constexprs: dict) -> list:
             if value is not None:
                 env[node.target.id] = value
     calls = []
-    for node in ast.walk(fdef):
+    for node in _live_nodes(fdef, env):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
             continue
         callee = getattr(module, node.func.id, None)

@@ -60,6 +60,7 @@ more (B, H, 3, Tq) fp32 buffers, DI and DW, while it runs.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -151,6 +152,26 @@ _SM90_LAYOUT_CONFIGS = {
 }
 
 
+# Replacements for the linear-cost mode (no global path: the chunk path alone takes the
+# unmasked BLOCK_N-key / BLOCK_M-query tiles inside the chunks, see PATH_SETS), by arch family
+# (80 or 90) and row layout: entries whose linear-mode code spilled (found by a sweep under
+# Triton 3.9 and 3.6: the sm_90 fp16/bf16 dk/dv at D = 128 spilled 16-56 bytes with 64-query
+# tiles, the others 8-24 bytes; until these variants existed the compile check did not compile
+# that mode, whose fp32 code already spilled 8-16 bytes in 12 compiles).
+_LINEAR_CONFIGS = {
+    ("fwd", 2, 80, ""): {256: (16, 32, 8, 2)},
+    ("fwd", 2, 80, "_ranges"): {256: (16, 32, 8, 2)},
+    ("fwd", 2, 80, "_packed"): {256: (16, 32, 8, 2)},
+    ("fwd", 4, 80, "_ranges"): {128: (16, 16, 4, 2), 256: (16, 16, 8, 2)},
+    ("fwd", 4, 90, "_ranges"): {128: (16, 16, 4, 2)},
+    ("fwd", 4, 80, "_packed"): {256: (16, 16, 8, 2)},
+    ("bwd_dq", 4, 80, "_packed"): {32: (16, 16, 8, 1), 64: (16, 16, 8, 3)},
+    ("bwd_dkdv", 2, 90, ""): {128: (32, 128, 8, 2, 16)},
+    ("bwd_dkdv", 4, 90, ""): {32: (16, 16, 4, 1), 64: (16, 16, 8, 3)},
+    ("bwd_dkdv", 4, 90, "_ranges"): {64: (16, 16, 8, 3)},
+}
+
+
 def gpu_arch(device) -> int:
     """The configuration family of a CUDA device: 90 for Hopper and newer, else 80."""
     return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
@@ -162,11 +183,11 @@ def has_gpu_config(kind: str, dtype: torch.dtype, head_dim: int) -> bool:
 
 
 def block_config(kind: str, dtype: torch.dtype, head_dim: int, interpret: bool | None = None,
-                 arch: int = 80, layout: str = ""):
+                 arch: int = 80, layout: str = "", mode: str = ""):
     """Launch configuration of one kernel: dict(BLOCK_M, BLOCK_N, num_warps, num_stages,
     KEY_MAJOR, and BLOCK_W for the forward: its key tile in the masked and memory loops);
     KEY_MAJOR (dk/dv and dmem kernels) goes with the sm_90 entries. layout: the launch's row
-    layout (a ROW_LAYOUTS suffix).
+    layout (a ROW_LAYOUTS suffix); mode: its path set (a PATH_SETS suffix, see path_mode).
 
     kind: one of KERNEL_KINDS; dtype: q's dtype; head_dim: D; arch: 80 or 90 (gpu_arch). Under
     the Triton interpreter the blocks are 16 x 16 (smallest tl.dot size) so that small test
@@ -184,7 +205,11 @@ def block_config(kind: str, dtype: torch.dtype, head_dim: int, interpret: bool |
     hopper = _SM90_CONFIGS.get(key, {}) if arch >= 90 else {}
     if arch >= 90:
         hopper = {**hopper, **_SM90_LAYOUT_CONFIGS.get(key + (layout,), {})}
-    bm, bn, warps, stages, *bw = hopper.get(head_dim, _GPU_CONFIGS[key][head_dim])
+    entry = hopper.get(head_dim, _GPU_CONFIGS[key][head_dim])
+    if mode:
+        linear = _LINEAR_CONFIGS.get(key + (90 if arch >= 90 else 80, layout), {})
+        entry = linear.get(head_dim, entry)
+    bm, bn, warps, stages, *bw = entry
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
                KEY_MAJOR=kind in ("bwd_dkdv", "bwd_dmem") and head_dim in hopper)
     if kind == "fwd":  # key tile of the forward's masked and memory loops
@@ -346,6 +371,14 @@ def _dot_precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def path_mode(kind: str, constexprs: dict) -> str:
+    """The PATH_SETS suffix of a launch of kernel `kind` with these constexprs: "_linear" for
+    the LINEAR_KINDS without the global path but with the chunk path, else ""."""
+    linear = (kind in LINEAR_KINDS and not constexprs.get("USE_GLOBAL", True)
+              and constexprs.get("HAS_CHUNK", False))
+    return "_linear" if linear else ""
+
+
 def _launch(kernel, kind, q, n, rows, heads, *args, **constexprs):
     """Launch `kernel`, of KERNEL_KINDS `kind`, with block_config's configuration for q's dtype,
     head dim and device: grid (cdiv(n, block), rows, heads), the block being BLOCK_N for the kernels
@@ -353,7 +386,8 @@ def _launch(kernel, kind, q, n, rows, heads, *args, **constexprs):
     and DOT_PREC join the other constexprs."""
     D = q.shape[-1]
     layout = "_ranges" if constexprs["RANGES"] else "_packed" if constexprs["PACKED"] else ""
-    cfg = block_config(kind, q.dtype, D, arch=_arch(q), layout=layout)
+    cfg = block_config(kind, q.dtype, D, arch=_arch(q), layout=layout,
+                       mode=path_mode(kind, constexprs))
     over_keys = kind in ("bwd_dkdv", "bwd_dmem")
     if over_keys:
         constexprs["KEY_MAJOR"] = cfg["KEY_MAJOR"]
@@ -617,16 +651,26 @@ ROW_LAYOUTS = {"": dict(RANGES=False, PACKED=False), "_ranges": dict(RANGES=True
                "_packed": dict(RANGES=False, PACKED=True)}
 
 
+# The path sets compiled for each kernel: every path on (name suffix ""), and for the kernels
+# whose loops differ without the global path (LINEAR_KINDS: the chunk path alone takes wider,
+# partly unmasked tiles there), the linear-cost mode (suffix _linear).
+PATH_SETS = {"": dict(USE_GLOBAL=True, HAS_CHUNK=True, HAS_MEM=True, ROPE=True),
+             "_linear": dict(USE_GLOBAL=False, HAS_CHUNK=True, HAS_MEM=True, ROPE=True)}
+LINEAR_KINDS = ("fwd", "bwd_dq", "bwd_dkdv")
+
+
 def compile_variants() -> list:
     """Every kernel x dtype (fp32/fp16/bf16) x D (32/64/128/256) that has a launch configuration
     (all but the backward at D = 256) with that configuration; one variant per arch
     (name suffix _sm80 / _sm90) where sm_90 has its own; each in the three row layouts that
     launches compile (ROW_LAYOUTS: plain rows, per-row key ranges, packed documents; name
-    suffix "", _ranges, _packed), with all paths on and RoPE: the largest code of each layout.
+    suffix "", _ranges, _packed), with all paths on and RoPE (the largest code of each layout)
+    and, for LINEAR_KINDS, also without the global path (PATH_SETS, suffix _linear).
     The RoPE kernel likewise, for queries and keys (rope_q_*, rope_k_*).
 
     Returns dicts with keys name, fn, signature, constexprs, num_warps, num_stages, archs (the
-    compile targets it is launched on), layout (the ROW_LAYOUTS suffix) and, for the RoPE
+    compile targets it is launched on), layout (the ROW_LAYOUTS suffix), mode (the PATH_SETS
+    suffix, attention kernels only) and, for the RoPE
     kernel, int_hints (compiled with the integer-argument hints only).
     """
     from chunkmem.kernels import hybrid_attention as kern
@@ -638,17 +682,16 @@ def compile_variants() -> list:
         "bwd_dkdv": kern.hybrid_attention_bwd_dkdv_kernel,
         "bwd_dmem": kern.hybrid_attention_bwd_dmem_kernel,
     }
-    paths = dict(USE_GLOBAL=True, HAS_CHUNK=True, HAS_MEM=True, ROPE=True)
     variants = []
     for layout, rows in ROW_LAYOUTS.items():
         for dtype in _DTYPES:
             tdt = TRITON_DTYPE[dtype]
             for D in SUPPORTED_HEAD_DIMS:
-                for kind, fn in fns.items():
-                    if not has_gpu_config(kind, dtype, D):
+                for (kind, fn), (mode, paths) in itertools.product(fns.items(), PATH_SETS.items()):
+                    if not has_gpu_config(kind, dtype, D) or (mode and kind not in LINEAR_KINDS):
                         continue  # unsupported_reason sends these cases to the torch backend
                     cfgs = {arch: block_config(kind, dtype, D, interpret=False, arch=arch,
-                                               layout=layout) for arch in (80, 90)}
+                                               layout=layout, mode=mode) for arch in (80, 90)}
                     groups = [(80, 90)] if cfgs[80] == cfgs[90] else [(80,), (90,)]
                     for archs in groups:
                         cfg = cfgs[archs[0]]
@@ -659,10 +702,10 @@ def compile_variants() -> list:
                         suffix = f"_sm{archs[0]}" if len(archs) == 1 else ""
                         variants.append(dict(
                             name=(f"attn_{kind}_{tdt}_d{D}_m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}"
-                                  f"{suffix}{layout}"),
+                                  f"{suffix}{layout}{mode}"),
                             fn=fn, signature=_signature(fn, tdt), constexprs=constexprs,
                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                            archs=archs, layout=layout))
+                            archs=archs, layout=layout, mode=mode))
                 for queries in (True, False):
                     fn = kern.rope_rotate_kernel
                     variants.append(dict(

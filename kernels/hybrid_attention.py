@@ -46,7 +46,10 @@ Conventions:
   below the diagonal and before the chunk window of every row of a query block run unmasked
   (``MASKED=False``; with RANGES, the first key tile of a row is masked below k_lo). The dk/dv
   kernel likewise runs the query tiles that see its key block through the global path only
-  without masks, and zeroes the gradients of keys outside the row's range at the end.
+  without masks, and zeroes the gradients of keys outside the row's range at the end. Without
+  the global path (linear cost) the chunk path takes the same unmasked code inside the chunks:
+  key tiles in every row's chunk and below its diagonal (``_chunk_interior``), query tiles
+  whose rows see the whole key block in their chunk (``_chunk_interior_queries``).
 - Chunks are counted by position: key j is in chunk ``(j + shift) // chunk_size``; the kernels
   work in key indices with ``phase = shift mod chunk_size`` (``_chunk_start``).
 - Padded query rows (i >= nq) and padding queries are not masked in the backward's score tiles:
@@ -267,6 +270,42 @@ def _first_full_tile(lo, split, k_lo, RANGES: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
+def _chunk_interior(m0, nq, off, k_lo, chunk_size, phase, split, hi, RANGES: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks [c_lo, c_hi) of _key_range's masked blocks [split, hi) (BLOCK_N-aligned) that
+    every row of query block [m0, m0 + BLOCK_M) sees through its chunk: at or after the chunk
+    start of its last row (chunk starts grow with the row), at or below the diagonal of its
+    first row and, with RANGES, from k_lo on (so none when the block holds a padding query).
+    They need no mask for the chunk state; [split, c_lo) and [c_hi, hi) do. Without such
+    blocks c_lo == c_hi, inside [split, hi)."""
+    last = tl.minimum(m0 + BLOCK_M, nq) - 1 + off
+    c_lo = tl.cdiv(_chunk_start(last, phase, chunk_size), BLOCK_N) * BLOCK_N
+    if RANGES:
+        c_lo = tl.maximum(c_lo, tl.cdiv(k_lo, BLOCK_N) * BLOCK_N)
+    c_hi = ((m0 + off + 1) // BLOCK_N) * BLOCK_N
+    c_lo = tl.minimum(tl.maximum(c_lo, split), hi)
+    c_hi = tl.maximum(tl.minimum(c_hi, hi), c_lo)
+    return c_lo, c_hi
+
+
+@triton.jit
+def _chunk_interior_queries(n0, off, chunk_size, phase, lo, split, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+    """Query blocks [q_a, q_b) of _query_range's masked blocks [lo, split) (BLOCK_M-aligned)
+    whose every row sees all of key block [n0, n0 + BLOCK_N) through its chunk: at or after
+    the diagonal of the block's last key, and before the end of the chunk of its first key (none
+    when the key block straddles a chunk boundary). Keys outside the row's valid range are
+    the caller's to zero; [lo, q_a) and [q_b, split) need masks. Without such blocks q_a == q_b,
+    inside [lo, split)."""
+    q_a = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M
+    chunk_end = _chunk_start(n0, phase, chunk_size) + chunk_size
+    q_b = (tl.maximum(chunk_end - off, 0) // BLOCK_M) * BLOCK_M
+    q_a = tl.minimum(tl.maximum(q_a, lo), split)
+    q_b = tl.maximum(tl.minimum(q_b, split), q_a)
+    return q_a, q_b
+
+
+@triton.jit
 def _query_range(n0, nq, off, k_lo, k_hi, chunk_size, phase, HAS_CHUNK: tl.constexpr,
                  RANGES: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr):
@@ -408,14 +447,26 @@ def _key_mask(cols, n_keys, first_key, RANGES: tl.constexpr):
 
 
 @triton.jit
+def _past_gap(i, gap_lo, gap_hi, GAP: tl.constexpr):
+    """Block start i of a loop over [lo, hi) that skips the blocks [gap_lo, gap_hi) (GAP; the
+    loop then runs to hi - (gap_hi - gap_lo)): i, moved past the gap from gap_lo on."""
+    if GAP:
+        return i + tl.where(i >= gap_lo, gap_hi - gap_lo, 0)
+    else:
+        return i
+
+
+@triton.jit
 def _fwd_loop(m1, l1, acc1, m2, l2, acc2, q1, q2, rows, k_ptr, v_ptr,
               off, n_keys, first_key, q_lo, chunk_size, phase, qk_scale, lo, hi,
               HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
-              RANGES: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Online softmax of states 1 and 2 over key blocks [lo, hi), one QK^T tile per block."""
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
+              RANGES: tl.constexpr, DOT_PREC: tl.constexpr, gap_lo=0, gap_hi=0,
+              GAP: tl.constexpr = False):
+    """Online softmax of states 1 and 2 over key blocks [lo, hi) (but [gap_lo, gap_hi) with
+    GAP), one QK^T tile per block."""
+    for i in range(lo, hi - (gap_hi - gap_lo) if GAP else hi, BLOCK_N):
+        cols = _past_gap(i, gap_lo, gap_hi, GAP) + tl.arange(0, BLOCK_N)
         col_ok = _key_mask(cols, n_keys, first_key, RANGES)
         k1, k2 = _load_halves(k_ptr, cols, col_ok, HALF, HEAD_DIM, MASK=MASKED or RANGES)
         v = _load_rows(v_ptr, cols, col_ok, HEAD_DIM, MASK=MASKED or RANGES)
@@ -499,7 +550,8 @@ def hybrid_attention_fwd_kernel(
     # unmasked loop first, with the global state only (one accumulator, BLOCK_N-key tiles);
     # then the masked tiles (diagonal and chunk window) with the global and chunk states (two
     # accumulators, BLOCK_W-key tiles); the memory path last (BLOCK_W-slot tiles), beside
-    # the output accumulator.
+    # the output accumulator. Without the global path (linear cost) the chunk state alone
+    # takes BLOCK_N-key tiles, unmasked inside every row's chunk.
     q1, q2 = _load_halves(QR + q_off, rows, row_ok, HALF, HEAD_DIM)
     m_g = tl.full([BLOCK_M], _EMPTY_LSE, dtype=tl.float32)
     l_g = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -524,12 +576,26 @@ def hybrid_attention_fwd_kernel(
     m_c = tl.full([BLOCK_M], _EMPTY_LSE, dtype=tl.float32)
     l_c = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_c = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if USE_GLOBAL or HAS_CHUNK:  # chunk window and diagonal: masked, one QK^T per tile
+    if USE_GLOBAL:  # chunk window and diagonal: masked, both states from one QK^T per tile
         m_g, l_g, acc_g, m_c, l_c, acc_c = _fwd_loop(
             m_g, l_g, acc_g, m_c, l_c, acc_c, q1, q2, rows, k_ptr, v_ptr,
             off, k_hi, k_lo, q_lo, chunk_size, phase, qk_scale, split, hi,
-            HALF, HEAD_DIM, BLOCK_W, DO_1=USE_GLOBAL, DO_2=HAS_CHUNK, MASKED=True, MEM=False,
+            HALF, HEAD_DIM, BLOCK_W, DO_1=True, DO_2=HAS_CHUNK, MASKED=True, MEM=False,
             RANGES=RANGES, DOT_PREC=DOT_PREC)
+    elif HAS_CHUNK:  # the chunk state alone (linear cost): one accumulator, BLOCK_N-key tiles,
+        # unmasked inside every row's chunk, masked on either side
+        c_lo, c_hi = _chunk_interior(m0, nq, off, k_lo, chunk_size, phase, split, hi, RANGES,
+                                     BLOCK_M, BLOCK_N)
+        m_c, l_c, acc_c, _m, _l, _acc = _fwd_loop(
+            m_c, l_c, acc_c, m_c, l_c, acc_c, q1, q2, rows, k_ptr, v_ptr,
+            off, k_hi, k_lo, q_lo, chunk_size, phase, qk_scale, c_lo, c_hi,
+            HALF, HEAD_DIM, BLOCK_N, DO_1=True, DO_2=False, MASKED=False, MEM=False,
+            RANGES=False, DOT_PREC=DOT_PREC)
+        m_g, l_g, acc_g, m_c, l_c, acc_c = _fwd_loop(
+            m_g, l_g, acc_g, m_c, l_c, acc_c, q1, q2, rows, k_ptr, v_ptr,
+            off, k_hi, k_lo, q_lo, chunk_size, phase, qk_scale, split, hi,
+            HALF, HEAD_DIM, BLOCK_N, DO_1=False, DO_2=True, MASKED=True, MEM=False,
+            RANGES=RANGES, DOT_PREC=DOT_PREC, gap_lo=c_lo, gap_hi=c_hi, GAP=True)
     out = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if USE_GLOBAL:
         w_g = tl.load(W + h * 3)
@@ -625,11 +691,13 @@ def _bwd_q_loop(dq1, dq2, r1, r2, q1, q2, do, rows, k_ptr, v_ptr,
                 off, n_keys, first_key, q_lo, chunk_size, phase, qk_scale, lo, hi,
                 HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                 DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
-                GRAD_Q: tl.constexpr, RANGES: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Over key blocks [lo, hi): add rowsum(P dP) of states 1/2 (as in _fwd_loop) to r1, r2 and,
-    when GRAD_Q, the query block's dq halves (w.r.t. the q used in the scores) to dq1, dq2."""
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
+                GRAD_Q: tl.constexpr, RANGES: tl.constexpr, DOT_PREC: tl.constexpr, gap_lo=0,
+                gap_hi=0, GAP: tl.constexpr = False):
+    """Over key blocks [lo, hi) (but [gap_lo, gap_hi) with GAP): add rowsum(P dP) of states 1/2
+    (as in _fwd_loop) to r1, r2 and, when GRAD_Q, the query block's dq halves (w.r.t. the q
+    used in the scores) to dq1, dq2."""
+    for i in range(lo, hi - (gap_hi - gap_lo) if GAP else hi, BLOCK_N):
+        cols = _past_gap(i, gap_lo, gap_hi, GAP) + tl.arange(0, BLOCK_N)
         col_ok = _key_mask(cols, n_keys, first_key, RANGES)
         k1, k2 = _load_halves(k_ptr, cols, col_ok, HALF, HEAD_DIM, MASK=MASKED or RANGES)
         v = _load_rows(v_ptr, cols, col_ok, HEAD_DIM, MASK=MASKED or RANGES)
@@ -771,12 +839,26 @@ def hybrid_attention_bwd_dq_kernel(
             lse_g, di_g, w_g, lse_c, di_c, w_c, off, k_hi, k_lo, q_lo, chunk_size, phase,
             qk_scale, full, split, HALF, HEAD_DIM, BLOCK_N, DO_1=True, DO_2=False, MASKED=False,
             MEM=False, GRAD_Q=True, RANGES=False, DOT_PREC=DOT_PREC)
-    if USE_GLOBAL or HAS_CHUNK:
+    if USE_GLOBAL:
         dq1, dq2, r_g, r_c = _bwd_q_loop(
             dq1, dq2, r_g, r_c, q1, q2, do, rows, k_ptr, v_ptr,
             lse_g, di_g, w_g, lse_c, di_c, w_c, off, k_hi, k_lo, q_lo, chunk_size, phase,
-            qk_scale, split, hi, HALF, HEAD_DIM, BLOCK_N, DO_1=USE_GLOBAL, DO_2=HAS_CHUNK,
+            qk_scale, split, hi, HALF, HEAD_DIM, BLOCK_N, DO_1=True, DO_2=HAS_CHUNK,
             MASKED=True, MEM=False, GRAD_Q=True, RANGES=RANGES, DOT_PREC=DOT_PREC)
+    elif HAS_CHUNK:  # as the forward: unmasked inside every row's chunk, masked around it
+        c_lo, c_hi = _chunk_interior(m0, nq, off, k_lo, chunk_size, phase, split, hi, RANGES,
+                                     BLOCK_M, BLOCK_N)
+        dq1, dq2, r_c, _r = _bwd_q_loop(
+            dq1, dq2, r_c, r_c, q1, q2, do, rows, k_ptr, v_ptr,
+            lse_c, di_c, w_c, lse_c, di_c, w_c, off, k_hi, k_lo, q_lo, chunk_size, phase,
+            qk_scale, c_lo, c_hi, HALF, HEAD_DIM, BLOCK_N, DO_1=True, DO_2=False,
+            MASKED=False, MEM=False, GRAD_Q=True, RANGES=False, DOT_PREC=DOT_PREC)
+        dq1, dq2, r_g, r_c = _bwd_q_loop(
+            dq1, dq2, r_g, r_c, q1, q2, do, rows, k_ptr, v_ptr,
+            lse_g, di_g, w_g, lse_c, di_c, w_c, off, k_hi, k_lo, q_lo, chunk_size, phase,
+            qk_scale, split, hi, HALF, HEAD_DIM, BLOCK_N, DO_1=False, DO_2=True,
+            MASKED=True, MEM=False, GRAD_Q=True, RANGES=RANGES, DOT_PREC=DOT_PREC,
+            gap_lo=c_lo, gap_hi=c_hi, GAP=True)
     if ROPE:
         dq1, dq2 = _rope(dq1, dq2, shift + off + rows, ROPE_STEP, HALF, -1)
 
@@ -819,7 +901,7 @@ def _bwd_kv_loop(dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, rep,
                  HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr,
                  MEM: tl.constexpr, KEY_MAJOR: tl.constexpr, RANGES: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
+                 DOT_PREC: tl.constexpr, gap_lo=0, gap_hi=0, GAP: tl.constexpr = False):
     """Accumulate the key block's (rotated) dk halves and dv over the query blocks [lo, hi) of
     each of the rep query heads g * rep + j of the group, as one flat loop over (head, query
     block). The row's queries are q0 .. q0 + nq of the Tq axis; rows past nq and, with
@@ -828,11 +910,11 @@ def _bwd_kv_loop(dk1, dk2, dv, k1, k2, v, cols, Q, DO, LSE, DI, W, b, H, g, rep,
     of the block through state 1 only, and the scores get no mask at all (the caller zeroes
     the rows of keys outside the row's range afterwards). KEY_MAJOR: see _tile_grads (the
     launcher sets it with the sm_90 tiles; elsewhere the transposes are cheaper in
-    registers)."""
-    n_blocks = tl.cdiv(hi - lo, BLOCK_M)
+    registers). GAP: the query blocks [gap_lo, gap_hi) are skipped."""
+    n_blocks = tl.cdiv(hi - lo - (gap_hi - gap_lo) if GAP else hi - lo, BLOCK_M)
     for t in range(0, rep * n_blocks):
         j = t // n_blocks
-        start_m = lo + (t - j * n_blocks) * BLOCK_M
+        start_m = _past_gap(lo + (t - j * n_blocks) * BLOCK_M, gap_lo, gap_hi, GAP)
         h = g * rep + j
         bh = (b * H + h).to(tl.int64)
         q_off = (bh * Tq + q0) * HEAD_DIM
@@ -872,8 +954,9 @@ def hybrid_attention_bwd_dkdv_kernel(
     summed over the H/G query heads of the group in a fixed order (deterministic, no atomics).
     Keys outside the row's valid range get exact zeros. QR, KR: rotated q and k; dk, w.r.t. the
     rotated k, is rotated back once (ROPE) before the store. Query tiles: BLOCK_W queries (a
-    divisor of BLOCK_M) in the masked loop (diagonal and chunk windows, two states), BLOCK_M in
-    the unmasked one."""
+    divisor of BLOCK_M) in the masked loops (diagonal and chunk windows), BLOCK_M in the
+    unmasked ones (the global path alone; without it, the chunk path inside the key block's
+    chunk)."""
     HALF: tl.constexpr = HEAD_DIM // 2
     n0 = tl.program_id(0) * BLOCK_N
     r = tl.program_id(1)
@@ -900,24 +983,40 @@ def hybrid_attention_bwd_dkdv_kernel(
     # the whole block through the global path only.
     lo, split, hi = _query_range(n0, nq, off, k_lo, k_hi, chunk_size, phase, HAS_CHUNK, RANGES,
                                  BLOCK_M, BLOCK_N)
-    dk1, dk2, dv = _bwd_kv_loop(
-        dk1, dk2, dv, k1, k2, v, cols, QR, DO, LSE, DI, W, b, H, g, H // G,
-        Tq, q0, nq, off, k_hi, k_lo, k_lo - off, chunk_size, phase, qk_scale,
-        lo, split, P1=0, P2=1, HALF=HALF, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_W,
-        DO_1=USE_GLOBAL, DO_2=HAS_CHUNK, MASKED=True, MEM=False, KEY_MAJOR=KEY_MAJOR,
-        RANGES=RANGES, DOT_PREC=DOT_PREC)
     if USE_GLOBAL:
+        dk1, dk2, dv = _bwd_kv_loop(
+            dk1, dk2, dv, k1, k2, v, cols, QR, DO, LSE, DI, W, b, H, g, H // G,
+            Tq, q0, nq, off, k_hi, k_lo, k_lo - off, chunk_size, phase, qk_scale,
+            lo, split, P1=0, P2=1, HALF=HALF, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_W,
+            DO_1=True, DO_2=HAS_CHUNK, MASKED=True, MEM=False, KEY_MAJOR=KEY_MAJOR,
+            RANGES=RANGES, DOT_PREC=DOT_PREC)
         dk1, dk2, dv = _bwd_kv_loop(
             dk1, dk2, dv, k1, k2, v, cols, QR, DO, LSE, DI, W, b, H, g, H // G,
             Tq, q0, nq, off, k_hi, k_lo, k_lo - off, chunk_size, phase, qk_scale,
             split, hi, P1=0, P2=1, HALF=HALF, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
             DO_1=True, DO_2=False, MASKED=False, MEM=False, KEY_MAJOR=KEY_MAJOR,
             RANGES=RANGES, DOT_PREC=DOT_PREC)
-        # keys outside the row's range (the last block's tail; with RANGES, also before k_lo)
-        # got unmasked contributions there: their gradients are exact zeros
-        dk1 = tl.where(col_ok[:, None], dk1, 0.0)
-        dk2 = tl.where(col_ok[:, None], dk2, 0.0)
-        dv = tl.where(col_ok[:, None], dv, 0.0)
+    elif HAS_CHUNK:  # the chunk path alone (linear cost): the query blocks inside the key
+        # block's chunk unmasked (BLOCK_M queries), the diagonal and the chunk's end masked
+        q_a, q_b = _chunk_interior_queries(n0, off, chunk_size, phase, lo, split, BLOCK_M,
+                                           BLOCK_N)
+        dk1, dk2, dv = _bwd_kv_loop(
+            dk1, dk2, dv, k1, k2, v, cols, QR, DO, LSE, DI, W, b, H, g, H // G,
+            Tq, q0, nq, off, k_hi, k_lo, k_lo - off, chunk_size, phase, qk_scale,
+            lo, split, P1=0, P2=1, HALF=HALF, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_W,
+            DO_1=False, DO_2=True, MASKED=True, MEM=False, KEY_MAJOR=KEY_MAJOR,
+            RANGES=RANGES, DOT_PREC=DOT_PREC, gap_lo=q_a, gap_hi=q_b, GAP=True)
+        dk1, dk2, dv = _bwd_kv_loop(
+            dk1, dk2, dv, k1, k2, v, cols, QR, DO, LSE, DI, W, b, H, g, H // G,
+            Tq, q0, nq, off, k_hi, k_lo, k_lo - off, chunk_size, phase, qk_scale,
+            q_a, q_b, P1=1, P2=1, HALF=HALF, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+            DO_1=True, DO_2=False, MASKED=False, MEM=False, KEY_MAJOR=KEY_MAJOR,
+            RANGES=RANGES, DOT_PREC=DOT_PREC)
+    # keys outside the row's range (the last block's tail; with RANGES, also before k_lo) got
+    # contributions in the unmasked loops: their gradients are exact zeros
+    dk1 = tl.where(col_ok[:, None], dk1, 0.0)
+    dk2 = tl.where(col_ok[:, None], dk2, 0.0)
+    dv = tl.where(col_ok[:, None], dv, 0.0)
     st_ok = cols < n_store
     _store_rows(DV + kv_off, cols, st_ok, dv, HEAD_DIM)  # first: frees its registers for RoPE
     if ROPE:

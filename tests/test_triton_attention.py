@@ -135,6 +135,11 @@ CASES = {
     "memory_only_s1024_f16": (F16, 2, 2, 2, 3, 3, 32, 1024, (1000, 17), None, False, None, 0),
     "memory_all_empty_f32": (F32, 2, 2, 1, 17, 17, 32, 4, (0, 0), 4, True, None, 0),
     "memory_one_slot_f16": (F16, 2, 2, 1, 17, 20, 32, 1, (1, 0), 6, False, 10000.0, 0),
+    # without the global path, key (query) blocks inside every row's chunk run unmasked: chunks
+    # of 2-3 blocks, aligned (32) or not (40, start_pos 13, Tq < Tk), decode
+    "linear_interior_f32": (F32, 1, 2, 1, 70, 70, 32, 5, (5,), 32, False, 10000.0, 0),
+    "linear_interior_phase_f16": (F16, 2, 4, 2, 61, 75, 32, 4, (4, 0), 40, False, 10000.0, 13),
+    "linear_interior_decode_f32": (F32, 1, 2, 1, 1, 75, 32, 0, None, 50, False, 10000.0, 9),
     # dmem splits the query blocks over programs (2 and 3 splits, the last one short)
     "memory_query_split_f32": (F32, 1, 2, 1, 70, 70, 32, 6, (5,), 9, False, 10000.0, 0),
     "memory_query_split_gqa_f16": (F16, 1, 4, 2, 100, 100, 32, 5, (5,), None, True, None, 0),
@@ -202,11 +207,14 @@ def test_rectangular_blocks(monkeypatch, blocks, key_major):
 def test_gpu_block_configs(monkeypatch, dtype, D, T, arch):
     """The GPU launch configurations of an arch in the interpreter (their tile shapes exercise
     the block-range logic): fp16 (64 / 32, 32 / 32 and, on sm_90, 64-row and 64-key tiles) and
-    fp32 at D = 128."""
+    fp32 at D = 128; with and without the global path."""
     real = ta.block_config
     monkeypatch.setattr(ta, "block_config", lambda kind, dt, d, interpret=None, arch=80, layout="",
-                        _arch=arch: real(kind, dt, d, interpret=False, arch=_arch, layout=layout))
+                        mode="", _arch=arch: real(kind, dt, d, interpret=False, arch=_arch,
+                                                  layout=layout, mode=mode))
     check_case(dtype, 1, 2, 1, T, T + 5, D, 40, (33,), 24, True, 10000.0, 0)
+    # linear-cost mode (its own tiles): chunks of 48 hold whole 16- and 32-key blocks
+    check_case(dtype, 1, 2, 1, T, T + 5, D, 40, (33,), 48, False, 10000.0, 3)
 
 
 def test_gpu_config_tables():

@@ -245,6 +245,26 @@ def test_ranges_rectangular_blocks(monkeypatch, blocks, key_major):
     check_against_reference(args, kwargs, dout_like(args[0]))
 
 
+@pytest.mark.parametrize("blocks, key_major", [((16, 16), False), ((32, 16), False),
+                                               ((16, 32), True)])
+def test_linear_interior_rows(monkeypatch, blocks, key_major):
+    """Without the global path the chunk path runs unmasked key (query) blocks inside every
+    row's chunk: per-row key ranges with padding queries and start positions (fp32), packed
+    documents (fp16), chunks of 2-3 blocks; square, rectangular and key-major tiles."""
+    bm, bn = blocks
+    monkeypatch.setattr(ta, "block_config", lambda kind, dtype, d, interpret=None, arch=80, **kw: dict(
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1, KEY_MAJOR=key_major, BLOCK_W=16))
+    args = make_args(F32, 3, 2, 1, 70, 90, 32, 5, (5, 2, 0), seed=19)
+    kwargs = dict(chunk_size=33, use_global=False, rope_base=10000.0, start_pos=i64(7, 0, 40),
+                  scale=0.2, kv_start=i32(3, 30, 0), kv_end=i32(90, 85, 70))
+    check_against_reference(args, kwargs, dout_like(args[0]))
+    args = make_args(F16, 1, 2, 2, 100, 110, 32, 4, (4, 3), seed=23, Bm=2)
+    kwargs = dict(chunk_size=32, use_global=False, rope_base=10000.0, start_pos=5, scale=0.2,
+                  cu_seqlens_q=i32(0, 70, 100), cu_seqlens_k=i32(0, 75, 110), max_seqlen_q=70,
+                  max_seqlen_k=75)
+    check_against_reference(args, kwargs, dout_like(args[0]))
+
+
 def test_unsupported_reason_rows():
     """Positions: an int start_pos beyond int32 is refused on the default code path only (the
     ranged and packed code computes positions in int64, and a start_pos tensor is not read on
