@@ -296,8 +296,10 @@ def _loop_role(a: dict) -> str:
     if a.get("MEM"):
         return "memory slots"
     parts = []
+    # state 1 is the global path, or the chunk path where the kernel runs without the global one
+    first = "global" if a.get("USE_GLOBAL") is not False else "chunk"
     if "DO_1" in a:
-        parts.append("+".join(n for f, n in (("DO_1", "global"), ("DO_2", "chunk"))
+        parts.append("+".join(n for f, n in (("DO_1", first), ("DO_2", "chunk"))
                               if a.get(f) is not False))
     if "MASKED" in a:
         parts.append("masked" if a["MASKED"] else "unmasked")
@@ -424,7 +426,8 @@ def _loop_entry(cost: dict, call, v: dict, table: dict) -> dict:
     """A report entry for one loop (or straight-line loop call) of variant v: its cost, the
     source call, the useful dots from `table` and the derived ratios."""
     loop = dict(cost, callee=call.callee if call else None, line=call.first if call else None,
-                role=_loop_role(call.args) if call else "-", dots=None, useful_flops=None)
+                role=_loop_role(dict(call.args, USE_GLOBAL=v["constexprs"].get("USE_GLOBAL")))
+                if call else "-", dots=None, useful_flops=None)
     if call is not None and call.callee in table:
         args = dict(v["constexprs"])
         args.update({k: x for k, x in call.args.items() if x is not None})
