@@ -291,16 +291,26 @@ def _flag_label(constexprs: dict) -> str:
     return "+".join(([paths] if paths else []) + extra) or "-"
 
 
+def _state_1_source(call) -> str:
+    """Source text of the state-1 argument of a loop call (the forward's m1, the dq loop's
+    lse1), '' for the others."""
+    sources = call.sources or {}
+    return sources.get("m1") or sources.get("lse1") or ""
+
+
 def _loop_role(a: dict) -> str:
     """Which paths and masking a loop call computes, from its constexpr arguments."""
     if a.get("MEM"):
         return "memory slots"
     parts = []
-    # state 1 is the global path, or the chunk path where the kernel runs without the global one
-    first = "global" if a.get("USE_GLOBAL") is not False else "chunk"
+    # state 1 is the global path, but for the loops that pass the chunk path's state or
+    # statistics there (named *_c: m_c, lse_c; the dk/dv loops: path index P1 = 1)
+    first = "chunk" if a.get("P1") == 1 or a.get("STATE_1", "").endswith("_c") else "global"
     if "DO_1" in a:
         parts.append("+".join(n for f, n in (("DO_1", first), ("DO_2", "chunk"))
                               if a.get(f) is not False))
+    if a.get("PRE"):
+        parts.append("before the chunks")
     if "MASKED" in a:
         parts.append("masked" if a["MASKED"] else "unmasked")
     elif "DO_1" in a:
@@ -426,7 +436,7 @@ def _loop_entry(cost: dict, call, v: dict, table: dict) -> dict:
     """A report entry for one loop (or straight-line loop call) of variant v: its cost, the
     source call, the useful dots from `table` and the derived ratios."""
     loop = dict(cost, callee=call.callee if call else None, line=call.first if call else None,
-                role=_loop_role(dict(call.args, USE_GLOBAL=v["constexprs"].get("USE_GLOBAL")))
+                role=_loop_role(dict(call.args, STATE_1=_state_1_source(call)))
                 if call else "-", dots=None, useful_flops=None)
     if call is not None and call.callee in table:
         args = dict(v["constexprs"])

@@ -277,6 +277,7 @@ class Call:
     first: int
     last: int
     args: dict
+    sources: dict = None  # the argument expressions as source text, by parameter name
 
 
 class _Runtime(Exception):
@@ -296,6 +297,8 @@ def _eval(node, env: dict):
                ast.FloorDiv: lambda: a // b, ast.BitAnd: lambda: a & b, ast.BitOr: lambda: a | b}
         if type(node.op) in ops:
             return ops[type(node.op)]()
+    if isinstance(node, ast.IfExp):
+        return _eval(node.body if _eval(node.test, env) else node.orelse, env)
     if isinstance(node, ast.BoolOp):
         vals = [_eval(v, env) for v in node.values]
         return all(vals) if isinstance(node.op, ast.And) else any(vals)
@@ -362,14 +365,13 @@ def kernel_calls(kernel, constexprs: dict) -> list:
             params = list(inspect.signature(_python_fn(callee)).parameters)
         except (TypeError, ValueError):
             continue
-        args = {}
-        for name, a in zip(params, node.args):
+        args, sources = {}, {}
+        for name, a in list(zip(params, node.args)) + [(k.arg, k.value) for k in node.keywords
+                                                      if k.arg]:
             args[name] = _try_eval(a, env)
-        for kw in node.keywords:
-            if kw.arg:
-                args[kw.arg] = _try_eval(kw.value, env)
+            sources[name] = ast.unparse(a)
         calls.append(Call(node.func.id, node.lineno + start - 1, node.end_lineno + start - 1,
-                          args))
+                          args, sources))
     return calls
 
 

@@ -134,7 +134,7 @@ _GPU_CONFIGS = {
 # under 3.9; swept 2-16 warps, 16-64 keys, 1-3 stages). Every entry is spill-free under both
 # Tritons in every row layout (or replaced in _SM90_LAYOUT_CONFIGS); not timed.
 _SM90_CONFIGS = {
-    ("fwd", 2): {128: (128, 128, 8, 2, 16), 256: (16, 32, 8, 3)},
+    ("fwd", 2): {128: (128, 128, 8, 2, 64, 16), 256: (16, 32, 8, 3)},
     ("bwd_preprocess", 2): {128: (128, 64, 8, 2)},
     ("bwd_dq", 2): {64: (64, 32, 8, 2), 128: (128, 64, 8, 2)},
     ("bwd_dkdv", 2): {32: (32, 64, 4, 2), 64: (32, 64, 8, 1), 128: (64, 128, 8, 2, 16)},
@@ -146,29 +146,35 @@ _SM90_CONFIGS = {
 # needs more registers, under Triton 3.9: the per-row key ranges' forward spills 72 bytes at
 # 128 x 128 and its dq 8 bytes at 128 x 64; the packed documents' dk/dv 72 bytes at 64 queries.
 _SM90_LAYOUT_CONFIGS = {
-    ("fwd", 2, "_ranges"): {128: (128, 64, 8, 2, 16)},
+    ("fwd", 2, "_ranges"): {128: (128, 64, 8, 2, 64, 16)},
     ("bwd_dq", 2, "_ranges"): {128: (128, 32, 8, 2)},
     ("bwd_dkdv", 2, "_packed"): {128: (32, 128, 8, 2, 16)},
 }
 
 
-# Replacements for the linear-cost mode (no global path: the chunk path alone takes the
-# unmasked BLOCK_N-key / BLOCK_M-query tiles inside the chunks, see PATH_SETS), by arch family
-# (80 or 90) and row layout: entries whose linear-mode code spilled (found by a sweep under
-# Triton 3.9 and 3.6: the sm_90 fp16/bf16 dk/dv at D = 128 spilled 16-56 bytes with 64-query
-# tiles, the others 8-24 bytes; until these variants existed the compile check did not compile
-# that mode, whose fp32 code already spilled 8-16 bytes in 12 compiles).
-_LINEAR_CONFIGS = {
-    ("fwd", 2, 80, ""): {256: (16, 32, 8, 2)},
-    ("fwd", 2, 80, "_ranges"): {256: (16, 32, 8, 2)},
-    ("fwd", 2, 80, "_packed"): {256: (16, 32, 8, 2)},
-    ("fwd", 4, 80, "_ranges"): {128: (16, 16, 4, 2), 256: (16, 16, 8, 2)},
-    ("fwd", 4, 90, "_ranges"): {128: (16, 16, 4, 2)},
-    ("fwd", 4, 80, "_packed"): {256: (16, 16, 8, 2)},
-    ("bwd_dq", 4, 80, "_packed"): {32: (16, 16, 8, 1), 64: (16, 16, 8, 3)},
-    ("bwd_dkdv", 2, 90, ""): {128: (32, 128, 8, 2, 16)},
-    ("bwd_dkdv", 4, 90, ""): {32: (16, 16, 4, 1), 64: (16, 16, 8, 3)},
-    ("bwd_dkdv", 4, 90, "_ranges"): {64: (16, 16, 8, 3)},
+# Replacements by arch family (80 or 90) and launch variant: row layout + path set, the name
+# suffix of compile_variants ("_packed", "_linear" = no global path, "_ranges_linear", ...).
+# The linear-cost mode has its own code (the chunk path alone takes BLOCK_N-key / BLOCK_M-query
+# tiles inside the chunks; without the held global state the sm_90 memory loop takes 64-slot
+# tiles); until it had variants the compile check did not compile it, and its fp32 code spilled
+# 8-16 bytes in 12 compiles. Each entry replaces one that spilled (8-56 bytes) under Triton 3.9
+# or 3.6, found by a sweep under both.
+_VARIANT_CONFIGS = {
+    ("fwd", 4, 80, "_packed"): {128: (16, 16, 4, 2)},
+    ("fwd", 4, 90, "_ranges"): {64: (16, 16, 8, 2)},
+    ("fwd", 2, 90, "_linear"): {128: (128, 128, 8, 2, 64, 64)},
+    ("fwd", 2, 90, "_ranges_linear"): {128: (128, 128, 8, 2, 64, 64)},
+    ("fwd", 2, 90, "_packed_linear"): {128: (128, 128, 8, 2, 64, 64)},
+    ("fwd", 2, 80, "_linear"): {256: (16, 32, 8, 2)},
+    ("fwd", 2, 80, "_ranges_linear"): {256: (16, 32, 8, 2)},
+    ("fwd", 2, 80, "_packed_linear"): {256: (16, 32, 8, 2)},
+    ("fwd", 4, 80, "_ranges_linear"): {128: (16, 16, 4, 2), 256: (16, 16, 8, 2)},
+    ("fwd", 4, 90, "_ranges_linear"): {128: (16, 16, 4, 2)},
+    ("fwd", 4, 80, "_packed_linear"): {256: (16, 16, 8, 2)},
+    ("bwd_dq", 4, 80, "_packed_linear"): {32: (16, 16, 8, 1), 64: (16, 16, 8, 3)},
+    ("bwd_dkdv", 2, 90, "_linear"): {128: (32, 128, 8, 2, 16)},
+    ("bwd_dkdv", 4, 90, "_linear"): {32: (16, 16, 4, 1), 64: (16, 16, 8, 3)},
+    ("bwd_dkdv", 4, 90, "_ranges_linear"): {64: (16, 16, 8, 3)},
 }
 
 
@@ -185,7 +191,9 @@ def has_gpu_config(kind: str, dtype: torch.dtype, head_dim: int) -> bool:
 def block_config(kind: str, dtype: torch.dtype, head_dim: int, interpret: bool | None = None,
                  arch: int = 80, layout: str = "", mode: str = ""):
     """Launch configuration of one kernel: dict(BLOCK_M, BLOCK_N, num_warps, num_stages,
-    KEY_MAJOR, and BLOCK_W for the forward: its key tile in the masked and memory loops);
+    KEY_MAJOR, and for the forward BLOCK_W, the key tile of the chunk path beside the global
+    one, and BLOCK_S, the memory loop's slot tile; for dk/dv BLOCK_W, the masked loops' query
+    tile);
     KEY_MAJOR (dk/dv and dmem kernels) goes with the sm_90 entries. layout: the launch's row
     layout (a ROW_LAYOUTS suffix); mode: its path set (a PATH_SETS suffix, see path_mode).
 
@@ -197,7 +205,8 @@ def block_config(kind: str, dtype: torch.dtype, head_dim: int, interpret: bool |
         interpret = interpreting()
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, KEY_MAJOR=False,
-                    **({"BLOCK_W": 16} if kind in ("fwd", "bwd_dkdv") else {}))
+                    **({"BLOCK_W": 16} if kind in ("fwd", "bwd_dkdv") else {}),
+                    **({"BLOCK_S": 16} if kind == "fwd" else {}))
     if not has_gpu_config(kind, dtype, head_dim):
         raise ValueError(f"no spill-free GPU configuration of kernel {kind} for {dtype}, D={head_dim} "
                          "(unsupported_reason reports this case)")
@@ -206,16 +215,17 @@ def block_config(kind: str, dtype: torch.dtype, head_dim: int, interpret: bool |
     if arch >= 90:
         hopper = {**hopper, **_SM90_LAYOUT_CONFIGS.get(key + (layout,), {})}
     entry = hopper.get(head_dim, _GPU_CONFIGS[key][head_dim])
-    if mode:
-        linear = _LINEAR_CONFIGS.get(key + (90 if arch >= 90 else 80, layout), {})
-        entry = linear.get(head_dim, entry)
-    bm, bn, warps, stages, *bw = entry
+    variant = _VARIANT_CONFIGS.get(key + (90 if arch >= 90 else 80, layout + mode), {})
+    entry = variant.get(head_dim, entry)
+    bm, bn, warps, stages, *tiles = entry
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
                KEY_MAJOR=kind in ("bwd_dkdv", "bwd_dmem") and head_dim in hopper)
-    if kind == "fwd":  # key tile of the forward's masked and memory loops
-        cfg["BLOCK_W"] = bw[0] if bw else bn
+    if kind == "fwd":  # key tiles of the forward's chunk loops (beside the global path) and
+        # memory loop: the 5th and 6th entries, by default BLOCK_N and the 5th
+        cfg["BLOCK_W"] = tiles[0] if tiles else bn
+        cfg["BLOCK_S"] = tiles[1] if len(tiles) > 1 else cfg["BLOCK_W"]
     elif kind == "bwd_dkdv":  # query tile of the dk/dv kernel's masked loop
-        cfg["BLOCK_W"] = bw[0] if bw else bm
+        cfg["BLOCK_W"] = tiles[0] if tiles else bm
     return cfg
 
 
@@ -393,6 +403,8 @@ def _launch(kernel, kind, q, n, rows, heads, *args, **constexprs):
         constexprs["KEY_MAJOR"] = cfg["KEY_MAJOR"]
     if kind in ("fwd", "bwd_dkdv"):
         constexprs["BLOCK_W"] = cfg["BLOCK_W"]
+    if kind == "fwd":
+        constexprs["BLOCK_S"] = cfg.get("BLOCK_S", cfg["BLOCK_W"])
     grid = (triton_cdiv(n, cfg["BLOCK_N" if over_keys else "BLOCK_M"]), rows, heads)
     kernel[grid](*args, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                  DOT_PREC=_dot_precision(q.dtype), **constexprs,
@@ -696,7 +708,8 @@ def compile_variants() -> list:
                     for archs in groups:
                         cfg = cfgs[archs[0]]
                         values = dict(HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                      BLOCK_W=cfg.get("BLOCK_W"), KEY_MAJOR=cfg["KEY_MAJOR"],
+                                      BLOCK_W=cfg.get("BLOCK_W"), BLOCK_S=cfg.get("BLOCK_S"),
+                                      KEY_MAJOR=cfg["KEY_MAJOR"],
                                       DOT_PREC=_dot_precision(dtype), **paths, **rows)
                         constexprs = {n: values[n] for n, is_cx in _kernel_args(fn) if is_cx}
                         suffix = f"_sm{archs[0]}" if len(archs) == 1 else ""

@@ -194,7 +194,7 @@ def _chunk_end(j, phase, chunk_size, limit):
 @triton.jit
 def _mask_scores(s, rows, cols, off, n_keys, first_key, q_lo, chunk_size, phase,
                  MEM: tl.constexpr, MASKED: tl.constexpr, DO_2, KEY_MAJOR: tl.constexpr,
-                 RANGES: tl.constexpr):
+                 RANGES: tl.constexpr, PRE: tl.constexpr = False):
     """Scores of states 1 and 2 with invalid pairs set to -inf; s is (M, N) (queries rows,
     keys cols), or (N, M) when KEY_MAJOR.
 
@@ -202,7 +202,9 @@ def _mask_scores(s, rows, cols, off, n_keys, first_key, q_lo, chunk_size, phase,
     i >= q_lo: padding queries see no slot). Otherwise state 1 = global (key j <= a_i,
     a_i = i + off, and with RANGES j >= first_key, the row's first valid key; not masked when
     not MASKED: the caller knows the whole tile is valid, but for RANGES' lower bound) and
-    state 2 = chunk (global and j >= the start of a_i's chunk, see _chunk_start). Padded query
+    state 2 = chunk (global and j >= the start of a_i's chunk, see _chunk_start). PRE: state 1 =
+    the keys before a_i's chunk (the global path's other keys; with RANGES from first_key on).
+    Padded query
     rows (i >= Tq) and padding queries (a_i < first valid key) need no mask in the backward:
     their q, dO and statistics load as 0, so they contribute exactly 0.
     """
@@ -215,7 +217,12 @@ def _mask_scores(s, rows, cols, off, n_keys, first_key, q_lo, chunk_size, phase,
     else:
         a = rows + off
         key = _along_keys(cols, KEY_MAJOR)
-        if MASKED:
+        if PRE:
+            ok = key < _along_queries(_chunk_start(a, phase, chunk_size), KEY_MAJOR)
+            if RANGES:
+                ok = ok & (key >= first_key)
+            s1 = tl.where(ok, s, float("-inf"))
+        elif MASKED:
             ok = key <= _along_queries(a, KEY_MAJOR)
             if RANGES:
                 ok = ok & (key >= first_key)
@@ -435,6 +442,15 @@ def _finish(m_i, l_i, acc):
 
 
 @triton.jit
+def _merge_states(m1, l1, acc1, m2, l2, acc2):
+    """The online-softmax state of the union of two disjoint key sets from theirs."""
+    m = tl.maximum(m1, m2)
+    a1 = tl.exp2(m1 - m)
+    a2 = tl.exp2(m2 - m)
+    return m, l1 * a1 + l2 * a2, acc1 * a1[:, None] + acc2 * a2[:, None]
+
+
+@triton.jit
 def _key_mask(cols, n_keys, first_key, RANGES: tl.constexpr):
     """Keys (or slots) of a block that are loaded: below n_keys and, with RANGES, from
     first_key on (keys outside a row's range load as 0: a pre-allocated cache may hold
@@ -462,9 +478,10 @@ def _fwd_loop(m1, l1, acc1, m2, l2, acc2, q1, q2, rows, k_ptr, v_ptr,
               HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               DO_1: tl.constexpr, DO_2: tl.constexpr, MASKED: tl.constexpr, MEM: tl.constexpr,
               RANGES: tl.constexpr, DOT_PREC: tl.constexpr, gap_lo=0, gap_hi=0,
-              GAP: tl.constexpr = False):
+              GAP: tl.constexpr = False, PRE: tl.constexpr = False):
     """Online softmax of states 1 and 2 over key blocks [lo, hi) (but [gap_lo, gap_hi) with
-    GAP), one QK^T tile per block."""
+    GAP), one QK^T tile per block; PRE: state 1 over the keys before each row's chunk (see
+    _mask_scores)."""
     for i in range(lo, hi - (gap_hi - gap_lo) if GAP else hi, BLOCK_N):
         cols = _past_gap(i, gap_lo, gap_hi, GAP) + tl.arange(0, BLOCK_N)
         col_ok = _key_mask(cols, n_keys, first_key, RANGES)
@@ -472,7 +489,7 @@ def _fwd_loop(m1, l1, acc1, m2, l2, acc2, q1, q2, rows, k_ptr, v_ptr,
         v = _load_rows(v_ptr, cols, col_ok, HEAD_DIM, MASK=MASKED or RANGES)
         s = _scores(q1, q2, k1, k2, DOT_PREC)
         s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, q_lo, chunk_size, phase,
-                              MEM, MASKED, DO_2, False, RANGES)
+                              MEM, MASKED, DO_2, False, RANGES, PRE)
         if DO_1:
             m1, l1, acc1 = _online_softmax_step(m1, l1, acc1, s1, v, qk_scale, DOT_PREC)
         if DO_2:
@@ -530,13 +547,14 @@ def hybrid_attention_fwd_kernel(
     Q, QR, KR, V, MK, MV, W, MEMLEN, OUT, LSE, KV_START, KV_END, CU_Q, CU_K, PHASE,
     H, G, Tq, Tk, S, chunk_size, chunk_phase, start_pos, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-    USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_MEM: tl.constexpr,
-    RANGES: tl.constexpr, PACKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_S: tl.constexpr, USE_GLOBAL: tl.constexpr, HAS_CHUNK: tl.constexpr,
+    HAS_MEM: tl.constexpr, RANGES: tl.constexpr, PACKED: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """One program per (query block, row or document, h): out = w_g O_g + w_c O_c + w_m O_m
-    and the LSE of each path. Key tiles: BLOCK_N keys in the unmasked loop, BLOCK_W (a divisor
-    of BLOCK_N) in the masked one and over the memory slots. QR, KR: q and k rotated by rope_rotate_kernel (q, k themselves
-    without RoPE); the memory path reads the un-rotated Q."""
+    and the LSE of each path. Key tiles: BLOCK_N keys in the global path's loops and in the
+    chunk path's without it, BLOCK_W (a divisor of BLOCK_N) in the chunk path's beside the
+    global path; BLOCK_S slots in the memory loop. QR, KR: q and k rotated by rope_rotate_kernel (q, k
+    themselves without RoPE); the memory path reads the un-rotated Q."""
     HALF: tl.constexpr = HEAD_DIM // 2
     (h, bg, mg, m0, rows, row_in, row_ok, q_off, stats_off, r, nq, k0, k_lo, k_hi, off, shift,
      phase) = _query_program(H, G, Tq, Tk, chunk_phase, start_pos, KV_START, KV_END, CU_Q, CU_K,
@@ -546,12 +564,13 @@ def hybrid_attention_fwd_kernel(
             return
     q_lo = k_lo - off
     lse_ptr = LSE + stats_off
-    # Order chosen for registers (online softmax does not depend on the tile order): the long
-    # unmasked loop first, with the global state only (one accumulator, BLOCK_N-key tiles);
-    # then the masked tiles (diagonal and chunk window) with the global and chunk states (two
-    # accumulators, BLOCK_W-key tiles); the memory path last (BLOCK_W-slot tiles), beside
-    # the output accumulator. Without the global path (linear cost) the chunk state alone
-    # takes BLOCK_N-key tiles, unmasked inside every row's chunk.
+    # Every loop carries one online-softmax state. The global path's keys are split in two
+    # disjoint sets: those before each row's chunk (the long unmasked loop, then masked tiles
+    # where a row's chunk starts), one accumulator, BLOCK_N-key tiles; and the row's chunk,
+    # which is the chunk path's key set: its state (BLOCK_W-key tiles beside the held global
+    # accumulator) is merged into the global one afterwards, so the chunk's keys cost one QK^T
+    # and one PV. The memory path last (BLOCK_S-slot tiles), beside the output accumulator.
+    # Without the global path (linear cost) the chunk state alone takes BLOCK_N-key tiles.
     q1, q2 = _load_halves(QR + q_off, rows, row_ok, HALF, HEAD_DIM)
     m_g = tl.full([BLOCK_M], _EMPTY_LSE, dtype=tl.float32)
     l_g = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -573,29 +592,39 @@ def hybrid_attention_fwd_kernel(
             off, k_hi, k_lo, q_lo, chunk_size, phase, qk_scale, full, split,
             HALF, HEAD_DIM, BLOCK_N, DO_1=True, DO_2=False, MASKED=False, MEM=False,
             RANGES=False, DOT_PREC=DOT_PREC)
+    if USE_GLOBAL:  # the masked rest of the global state's own keys, BLOCK_N-key tiles: the
+        # diagonal, or with the chunk path the keys before each row's chunk
+        if HAS_CHUNK:
+            last = tl.minimum(m0 + BLOCK_M, nq) - 1 + off
+            pre_hi = tl.minimum(tl.cdiv(_chunk_start(last, phase, chunk_size), BLOCK_N) * BLOCK_N,
+                                hi)
+        else:
+            pre_hi = hi
+        m_g, l_g, acc_g, _m, _l, _acc = _fwd_loop(
+            m_g, l_g, acc_g, m_g, l_g, acc_g, q1, q2, rows, k_ptr, v_ptr,
+            off, k_hi, k_lo, q_lo, chunk_size, phase, qk_scale, split, pre_hi,
+            HALF, HEAD_DIM, BLOCK_N, DO_1=True, DO_2=False, MASKED=True, MEM=False,
+            RANGES=RANGES, DOT_PREC=DOT_PREC, PRE=HAS_CHUNK)
     m_c = tl.full([BLOCK_M], _EMPTY_LSE, dtype=tl.float32)
     l_c = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_c = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if USE_GLOBAL:  # chunk window and diagonal: masked, both states from one QK^T per tile
-        m_g, l_g, acc_g, m_c, l_c, acc_c = _fwd_loop(
-            m_g, l_g, acc_g, m_c, l_c, acc_c, q1, q2, rows, k_ptr, v_ptr,
-            off, k_hi, k_lo, q_lo, chunk_size, phase, qk_scale, split, hi,
-            HALF, HEAD_DIM, BLOCK_W, DO_1=True, DO_2=HAS_CHUNK, MASKED=True, MEM=False,
-            RANGES=RANGES, DOT_PREC=DOT_PREC)
-    elif HAS_CHUNK:  # the chunk state alone (linear cost): one accumulator, BLOCK_N-key tiles,
-        # unmasked inside every row's chunk, masked on either side
+    if HAS_CHUNK:  # the chunk state: unmasked inside every row's chunk, masked on either side;
+        # BLOCK_N-key tiles alone (linear cost), BLOCK_W beside the held global state
+        TILE: tl.constexpr = BLOCK_W if USE_GLOBAL else BLOCK_N
         c_lo, c_hi = _chunk_interior(m0, nq, off, k_lo, chunk_size, phase, split, hi, RANGES,
-                                     BLOCK_M, BLOCK_N)
+                                     BLOCK_M, TILE)
         m_c, l_c, acc_c, _m, _l, _acc = _fwd_loop(
             m_c, l_c, acc_c, m_c, l_c, acc_c, q1, q2, rows, k_ptr, v_ptr,
             off, k_hi, k_lo, q_lo, chunk_size, phase, qk_scale, c_lo, c_hi,
-            HALF, HEAD_DIM, BLOCK_N, DO_1=True, DO_2=False, MASKED=False, MEM=False,
+            HALF, HEAD_DIM, TILE, DO_1=True, DO_2=False, MASKED=False, MEM=False,
             RANGES=False, DOT_PREC=DOT_PREC)
-        m_g, l_g, acc_g, m_c, l_c, acc_c = _fwd_loop(
-            m_g, l_g, acc_g, m_c, l_c, acc_c, q1, q2, rows, k_ptr, v_ptr,
+        _m, _l, _acc, m_c, l_c, acc_c = _fwd_loop(
+            m_c, l_c, acc_c, m_c, l_c, acc_c, q1, q2, rows, k_ptr, v_ptr,
             off, k_hi, k_lo, q_lo, chunk_size, phase, qk_scale, split, hi,
-            HALF, HEAD_DIM, BLOCK_N, DO_1=False, DO_2=True, MASKED=True, MEM=False,
+            HALF, HEAD_DIM, TILE, DO_1=False, DO_2=True, MASKED=True, MEM=False,
             RANGES=RANGES, DOT_PREC=DOT_PREC, gap_lo=c_lo, gap_hi=c_hi, GAP=True)
+        if USE_GLOBAL:  # the chunk's keys are the global state's other keys
+            m_g, l_g, acc_g = _merge_states(m_g, l_g, acc_g, m_c, l_c, acc_c)
     out = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if USE_GLOBAL:
         w_g = tl.load(W + h * 3)
@@ -612,8 +641,8 @@ def hybrid_attention_fwd_kernel(
         m_m, l_m, acc_m, _m, _l, _acc = _fwd_loop(
             m_m, l_m, acc_m, m_m, l_m, acc_m, q1, q2, rows, MK + mg * S * HEAD_DIM,
             MV + mg * S * HEAD_DIM, off, S, first, q_lo, chunk_size, phase, qk_scale,
-            _mem_range(m0, first, S, q_lo, RANGES, BLOCK_M, BLOCK_W), S,
-            HALF, HEAD_DIM, BLOCK_W, DO_1=True, DO_2=False, MASKED=True, MEM=True, RANGES=RANGES,
+            _mem_range(m0, first, S, q_lo, RANGES, BLOCK_M, BLOCK_S), S,
+            HALF, HEAD_DIM, BLOCK_S, DO_1=True, DO_2=False, MASKED=True, MEM=True, RANGES=RANGES,
             DOT_PREC=DOT_PREC)
         w_m = tl.load(W + h * 3 + 2)
         out = _finish_path(out, m_m, l_m, acc_m, w_m, lse_ptr + 2 * Tq, rows, row_in)

@@ -137,15 +137,15 @@ def test_yardstick_matches_torch_causal_attention(dtype):
 
 def test_attention_loop_calls_resolve_to_useful_dots():
     """Every loop call of the shipped sm_90 bf16 D=128 attention kernels has a LOOP_DOTS entry
-    whose flags evaluate to constants and whose tiles are the call's (the forward's masked and
-    memory loops run BLOCK_W-key tiles, dk/dv's masked loop BLOCK_W-query tiles): the forward's
-    memory, unmasked global and masked (global + chunk) loops do QK^T + PV, QK^T + PV and
-    QK^T + 2 PV (calls in branches the constexprs rule out, such as the ranges' first tile or
-    the linear-cost loops, are not listed)."""
+    whose flags evaluate to constants and whose tiles are the call's (dk/dv's masked loop runs
+    BLOCK_W-query tiles): the forward's five loops (global unmasked and before the chunks, chunk
+    inside and around, memory) each do QK^T + PV (calls in branches the constexprs rule out,
+    such as the ranges' first tile, are not listed)."""
     from chunkmem.compile_check import LOOP_DOTS
     from chunkmem.triton_attention import compile_variants
 
     seen = {}
+    fwd_tiles, expected_tiles = [], None
     for v in compile_variants():
         if not v["name"].endswith("_sm90") or "_bf16_d128_" not in v["name"]:
             continue
@@ -157,17 +157,22 @@ def test_attention_loop_calls_resolve_to_useful_dots():
             dots = LOOP_DOTS[c.callee](args)
             cx = v["constexprs"]
             tile = (cx["BLOCK_M"], cx["BLOCK_N"], 128)
-            if c.args.get("MASKED") or c.args.get("MEM"):
-                window = cx.get("BLOCK_W")
-                if v["name"].startswith("attn_fwd"):
-                    tile = (cx["BLOCK_M"], window, 128)
-                elif v["name"].startswith("attn_bwd_dkdv"):
-                    tile = (window, cx["BLOCK_N"], 128)
+            if v["name"].startswith("attn_fwd"):  # the global loops' BLOCK_N-key tiles, the
+                # chunk loops' BLOCK_W (beside the global state), the memory loop's BLOCK_S
+                fwd_tiles.append(c.args["BLOCK_N"])
+                tile = (cx["BLOCK_M"], c.args["BLOCK_N"], 128)
+                expected_tiles = [cx["BLOCK_N"]] * 2 + [cx["BLOCK_W"]] * 2 + [cx["BLOCK_S"]]
+            elif v["name"].startswith("attn_bwd_dkdv") and c.args.get("MASKED"):
+                tile = (cx.get("BLOCK_W"), cx["BLOCK_N"], 128)
             assert all(d[1:] == tile for d in dots), (v["name"], c.args, dots, tile)
             seen.setdefault(v["name"].split("_bf16")[0], []).append(
                 (c.args.get("MEM"), c.args.get("MASKED"), [d[0] for d in dots]))
+    # global: unmasked, masked before the chunks; chunk: unmasked inside it, masked; memory
+    assert fwd_tiles == expected_tiles and expected_tiles == [128, 128, 64, 64, 16]
     assert sorted(seen["attn_fwd"]) == [(False, False, ["QK^T", "PV"]),
-                                        (False, True, ["QK^T", "PV", "PV"]),
+                                        (False, False, ["QK^T", "PV"]),
+                                        (False, True, ["QK^T", "PV"]),
+                                        (False, True, ["QK^T", "PV"]),
                                         (True, True, ["QK^T", "PV"])]
     assert set(seen) == {"attn_fwd", "attn_bwd_preprocess", "attn_bwd_dq", "attn_bwd_dkdv",
                          "attn_bwd_dmem"}
