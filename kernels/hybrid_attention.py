@@ -59,7 +59,9 @@ Conventions:
   degrade with the position.
 - One generic loop per direction serves every path: "state 1" / "state 2" are (global, chunk)
   over the causal key range, or (memory, unused) over the memory slots (``MEM=True``), so the
-  chunk path reuses the global path's QK^T tile.
+  chunk path reuses the global path's QK^T tile. The forward runs one state per loop (the
+  chunk's state is merged into the global one, see the forward kernel); the backward derives
+  both paths' P from one exp2 per score (``_global_and_chunk_grads``).
 """
 import triton
 import triton.language as tl
@@ -668,6 +670,29 @@ def _path_grad(pw, ds, s, dp, lse, di, w, qk_scale, KEY_MAJOR: tl.constexpr):
 
 
 @triton.jit
+def _global_and_chunk_grads(s1, s2, dp, lse_g, di_g, w_g, lse_c, di_c, w_c, qk_scale,
+                            KEY_MAJOR: tl.constexpr):
+    """_path_grad of the global (s1) and chunk (s2) paths together, with one exp2 per score:
+    on the chunk's keys (s2 > -inf) P_g = P_c * f with f = 2^(LSE_c - LSE_g) <= 1 (the chunk's
+    keys are a subset of the global path's), elsewhere P_g from LSE_g. Returns pw, ds (M, N)
+    and the rowsums r_g, r_c as _path_grad (in this order)."""
+    in_chunk = s2 > float("-inf")
+    lse_g = _along_queries(lse_g, KEY_MAJOR)
+    lse_c = _along_queries(lse_c, KEY_MAJOR)
+    p = tl.exp2(s1 * qk_scale - tl.where(in_chunk, lse_c, lse_g))  # P_c in the chunk, else P_g
+    g = tl.where(in_chunk, tl.exp2(lse_c - lse_g), 1.0)  # P_g / p
+    c = tl.where(in_chunk, 1.0, 0.0)  # P_c / p
+    w = w_g * g + w_c * c
+    pw = w * p
+    ds = pw * dp - p * (_along_queries(di_g, KEY_MAJOR) * g + _along_queries(di_c, KEY_MAJOR) * c)
+    pdp = p * dp
+    if KEY_MAJOR:
+        return pw, ds, tl.sum(pdp * g, 0), tl.sum(pdp * c, 0)
+    else:
+        return pw, ds, tl.sum(pdp * g, 1), tl.sum(pdp * c, 1)
+
+
+@triton.jit
 def _row_stat(x, row_ok, LOAD: tl.constexpr):
     """x itself (M,), or, when LOAD, the rows that the (M,) pointers x point to (0 where not
     row_ok)."""
@@ -701,6 +726,11 @@ def _tile_grads(q1, q2, k1, k2, do, v, rows, cols, row_ok, lse1, di1, w1, lse2, 
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     s1, s2 = _mask_scores(s, rows, cols, off, n_keys, first_key, q_lo, chunk_size, phase, MEM,
                           MASKED, DO_2, KEY_MAJOR, RANGES)
+    if DO_1 and DO_2 and not MEM:  # global and chunk: one exp2 per score
+        return _global_and_chunk_grads(
+            s1, s2, dp, _row_stat(lse1, row_ok, LOAD_STATS), _row_stat(di1, row_ok, LOAD_STATS),
+            w1, _row_stat(lse2, row_ok, LOAD_STATS), _row_stat(di2, row_ok, LOAD_STATS), w2,
+            qk_scale, KEY_MAJOR)
     pw = tl.zeros_like(dp)
     ds = tl.zeros_like(dp)
     r1 = tl.zeros([do.shape[0]], dtype=tl.float32)
