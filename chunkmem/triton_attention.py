@@ -158,7 +158,8 @@ _SM90_LAYOUT_CONFIGS = {
 # tiles inside the chunks; without the held global state the sm_90 memory loop takes 64-slot
 # tiles); until it had variants the compile check did not compile it, and its fp32 code spilled
 # 8-16 bytes in 12 compiles. Each entry replaces one that spilled (8-56 bytes) under Triton 3.9
-# or 3.6, found by a sweep under both.
+# or 3.6, found by a sweep under both; the fp32 dq with per-row ranges on sm_90 (8 bytes under
+# 3.6 once the backward derived the global P from the chunk's) takes 3 stages instead of 2.
 _VARIANT_CONFIGS = {
     ("fwd", 4, 80, "_packed"): {128: (16, 16, 4, 2)},
     ("fwd", 4, 90, "_ranges"): {64: (16, 16, 8, 2)},
@@ -172,6 +173,7 @@ _VARIANT_CONFIGS = {
     ("fwd", 4, 90, "_ranges_linear"): {128: (16, 16, 4, 2)},
     ("fwd", 4, 80, "_packed_linear"): {256: (16, 16, 8, 2)},
     ("bwd_dq", 4, 80, "_packed_linear"): {32: (16, 16, 8, 1), 64: (16, 16, 8, 3)},
+    ("bwd_dq", 4, 90, "_ranges"): {128: (16, 16, 8, 3)},
     ("bwd_dkdv", 2, 90, "_linear"): {128: (32, 128, 8, 2, 16)},
     ("bwd_dkdv", 4, 90, "_linear"): {32: (16, 16, 4, 1), 64: (16, 16, 8, 3)},
     ("bwd_dkdv", 4, 90, "_ranges_linear"): {64: (16, 16, 8, 3)},
