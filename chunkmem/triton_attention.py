@@ -98,6 +98,11 @@ BACKWARD_KINDS = KERNEL_KINDS[1:]
 # at D = 256 has no entries, in any dtype, and goes to the torch backend (unsupported_reason):
 # its dq and dk/dv kernels spill at every configuration tried (fp16: 16 x 16 to 32 x 32 tiles,
 # 2-16 warps, 1-2 stages; at best 8 bytes, or spill-free under one Triton version only).
+# The fp16/bf16 entries at D = 128 are sm_80's alone (_SM90_CONFIGS replaces each on sm_90):
+# picked by the static cost report (`--cost --arch 80 --set ...`) among the spill-free ones,
+# 128 queries x 32 keys and 8 warps in the forward (16-key chunk tiles and 16 memory slots
+# beside the global accumulator; 64-key tiles spill 8-32 bytes there), 128 x 32 in dq, 64
+# queries x 32 keys and 4 warps in dk/dv (64-key blocks spill 24-100 bytes at 4 and 8 warps).
 # Re-swept when the kernels gained the per-row range and document code (compiled in every
 # variant): fp16/bf16 preprocess at D = 64 (4 -> 8 warps), fp32 preprocess and dq at D = 32
 # (1 -> 2 stages) spilled 8-24 bytes under one of the two Triton versions. Re-swept again for the
@@ -105,11 +110,12 @@ BACKWARD_KINDS = KERNEL_KINDS[1:]
 # and dk/dv at D = 64, fp32 preprocess at D = 64 / 128, dq at D = 64 / 128 and dk/dv at
 # D = 64 / 128 spilled 8-16 bytes in some layout under one of the two versions.
 _GPU_CONFIGS = {
-    ("fwd", 2): {32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
-    ("bwd_preprocess", 2): {32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (32, 16, 8, 2)},
-    ("bwd_dq", 2): {32: (64, 32, 4, 2), 64: (32, 32, 4, 1), 128: (32, 32, 8, 2)},
-    ("bwd_dkdv", 2): {32: (32, 32, 4, 2), 64: (32, 32, 8, 1), 128: (16, 16, 8, 1)},
-    ("bwd_dmem", 2): {32: (32, 32, 4, 1), 64: (32, 32, 8, 2), 128: (32, 32, 8, 1)},
+    ("fwd", 2): {32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (128, 32, 8, 3, 16, 16),
+                 256: (16, 32, 8, 1)},
+    ("bwd_preprocess", 2): {32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (64, 32, 4, 2)},
+    ("bwd_dq", 2): {32: (64, 32, 4, 2), 64: (32, 32, 4, 1), 128: (128, 32, 8, 2)},
+    ("bwd_dkdv", 2): {32: (32, 32, 4, 2), 64: (32, 32, 8, 1), 128: (64, 32, 4, 2, 32)},
+    ("bwd_dmem", 2): {32: (32, 32, 4, 1), 64: (32, 32, 8, 2), 128: (32, 32, 4, 1)},
     ("fwd", 4): {32: (16, 16, 4, 1), 64: (16, 16, 8, 1), 128: (16, 16, 4, 1), 256: (16, 16, 8, 1)},
     ("bwd_preprocess", 4): {32: (16, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 8, 2)},
     ("bwd_dq", 4): {32: (16, 16, 8, 2), 64: (16, 16, 8, 2), 128: (16, 16, 8, 2)},
@@ -160,15 +166,21 @@ _SM90_LAYOUT_CONFIGS = {
 # 8-16 bytes in 12 compiles. Each entry replaces one that spilled (8-56 bytes) under Triton 3.9
 # or 3.6, found by a sweep under both; the fp32 dq with per-row ranges on sm_90 (8 bytes under
 # 3.6 once the backward derived the global P from the chunk's) takes 3 stages instead of 2.
+# sm_80 at D = 128, fp16/bf16: the linear-mode forward (no held global accumulator) fits
+# 128 x 64 tiles and 32 memory slots; dq with per-row ranges spills 16 bytes at 2 stages, the
+# linear-mode dk/dv 8 bytes (without the integer hints, under 3.9) at 2.
 _VARIANT_CONFIGS = {
     ("fwd", 4, 80, "_packed"): {128: (16, 16, 4, 2)},
     ("fwd", 4, 90, "_ranges"): {64: (16, 16, 8, 2)},
     ("fwd", 2, 90, "_linear"): {128: (128, 128, 8, 2, 64, 64)},
     ("fwd", 2, 90, "_ranges_linear"): {128: (128, 128, 8, 2, 64, 64)},
     ("fwd", 2, 90, "_packed_linear"): {128: (128, 128, 8, 2, 64, 64)},
-    ("fwd", 2, 80, "_linear"): {256: (16, 32, 8, 2)},
-    ("fwd", 2, 80, "_ranges_linear"): {256: (16, 32, 8, 2)},
-    ("fwd", 2, 80, "_packed_linear"): {256: (16, 32, 8, 2)},
+    ("fwd", 2, 80, "_linear"): {128: (128, 64, 8, 2, 64, 32), 256: (16, 32, 8, 2)},
+    ("fwd", 2, 80, "_ranges_linear"): {128: (128, 64, 8, 2, 64, 32), 256: (16, 32, 8, 2)},
+    ("fwd", 2, 80, "_packed_linear"): {128: (128, 64, 8, 2, 64, 32), 256: (16, 32, 8, 2)},
+    ("bwd_dq", 2, 80, "_ranges"): {128: (128, 32, 8, 1)},
+    ("bwd_dq", 2, 80, "_ranges_linear"): {128: (128, 32, 8, 1)},
+    ("bwd_dkdv", 2, 80, "_linear"): {128: (64, 32, 4, 1, 32)},
     ("fwd", 4, 80, "_ranges_linear"): {128: (16, 16, 4, 2), 256: (16, 16, 8, 2)},
     ("fwd", 4, 90, "_ranges_linear"): {128: (16, 16, 4, 2)},
     ("fwd", 4, 80, "_packed_linear"): {256: (16, 16, 8, 2)},

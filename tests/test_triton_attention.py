@@ -202,12 +202,12 @@ def test_rectangular_blocks(monkeypatch, blocks, key_major):
 
 
 @pytest.mark.parametrize("dtype, D, T, arch", [
-    (F16, 32, 70, 80), (F16, 64, 70, 80), (F32, 128, 40, 80), (F16, 64, 100, 90),
-    (F16, 128, 100, 90)])
+    (F16, 32, 70, 80), (F16, 64, 70, 80), (F32, 128, 40, 80), (F16, 128, 140, 80),
+    (F16, 64, 100, 90), (F16, 128, 100, 90)])
 def test_gpu_block_configs(monkeypatch, dtype, D, T, arch):
     """The GPU launch configurations of an arch in the interpreter (their tile shapes exercise
-    the block-range logic): fp16 (64 / 32, 32 / 32 and, on sm_90, 64-row and 64-key tiles) and
-    fp32 at D = 128; with and without the global path."""
+    the block-range logic): fp16 (64 / 32, 32 / 32, sm_80's 128-row tiles at D = 128 and, on
+    sm_90, 64-row and 64-key tiles) and fp32 at D = 128; with and without the global path."""
     real = ta.block_config
     monkeypatch.setattr(ta, "block_config", lambda kind, dt, d, interpret=None, arch=80, layout="",
                         mode="", _arch=arch: real(kind, dt, d, interpret=False, arch=_arch,
