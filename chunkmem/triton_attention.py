@@ -138,13 +138,18 @@ _GPU_CONFIGS = {
 # at D = 256) sm_90 keeps the 16 x 32 tile, with 3 stages: with 1 (the sm_80 entry) the bf16
 # kernel spills 8 bytes on sm_90 under Triton 3.6 (16 x 16 / 4 warps fits there but spills
 # under 3.9; swept 2-16 warps, 16-64 keys, 1-3 stages). Every entry is spill-free under both
-# Tritons in every row layout (or replaced in _SM90_LAYOUT_CONFIGS); not timed.
+# Tritons in every row layout (or replaced in _SM90_LAYOUT_CONFIGS); not timed. At D = 64 the
+# same shapes fit with wider key tiles (forward: 128-key chunk tiles, 64 memory slots; dk/dv
+# 32-query masked tiles; dmem 64 x 64), picked with the cost report at --head-dim 64 (before,
+# the generic 64-row tiles at 8 warps replicated MMA work, 1.5-1.67x, and ran 3.1-5.7x the
+# yardstick).
 _SM90_CONFIGS = {
-    ("fwd", 2): {128: (128, 128, 8, 2, 64, 16), 256: (16, 32, 8, 3)},
-    ("bwd_preprocess", 2): {128: (128, 64, 8, 2)},
-    ("bwd_dq", 2): {64: (64, 32, 8, 2), 128: (128, 64, 8, 2)},
-    ("bwd_dkdv", 2): {32: (32, 64, 4, 2), 64: (32, 64, 8, 1), 128: (64, 128, 8, 2, 16)},
-    ("bwd_dmem", 2): {32: (32, 64, 4, 1), 64: (32, 64, 8, 1), 128: (32, 64, 4, 1)},
+    ("fwd", 2): {64: (128, 128, 8, 2, 128, 64), 128: (128, 128, 8, 2, 64, 16),
+                 256: (16, 32, 8, 3)},
+    ("bwd_preprocess", 2): {64: (128, 64, 8, 2), 128: (128, 64, 8, 2)},
+    ("bwd_dq", 2): {64: (128, 64, 8, 2), 128: (128, 64, 8, 2)},
+    ("bwd_dkdv", 2): {32: (32, 64, 4, 2), 64: (64, 128, 8, 2, 32), 128: (64, 128, 8, 2, 16)},
+    ("bwd_dmem", 2): {32: (32, 64, 4, 1), 64: (64, 64, 4, 1), 128: (32, 64, 4, 1)},
 }
 
 
