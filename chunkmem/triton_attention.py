@@ -98,8 +98,9 @@ BACKWARD_KINDS = KERNEL_KINDS[1:]
 # at D = 256 has no entries, in any dtype, and goes to the torch backend (unsupported_reason):
 # its dq and dk/dv kernels spill at every configuration tried (fp16: 16 x 16 to 32 x 32 tiles,
 # 2-16 warps, 1-2 stages; at best 8 bytes, or spill-free under one Triton version only).
-# The fp16/bf16 entries at D = 128 are sm_80's alone (_SM90_CONFIGS replaces each on sm_90):
-# picked by the static cost report (`--cost --arch 80 --set ...`) among the spill-free ones,
+# The fp16/bf16 entries at D = 64 and 128 are sm_80's alone (_SM90_CONFIGS replaces each on
+# sm_90): picked by the static cost report (`--cost --arch 80 --set ...`) among the spill-free
+# ones (D = 64: 128-row tiles with 64 keys in the forward, 64 x 64 in dk/dv); at D = 128
 # 128 queries x 32 keys and 8 warps in the forward (16-key chunk tiles and 16 memory slots
 # beside the global accumulator; 64-key tiles spill 8-32 bytes there), 128 x 32 in dq, 64
 # queries x 32 keys and 4 warps in dk/dv (64-key blocks spill 24-100 bytes at 4 and 8 warps).
@@ -110,12 +111,12 @@ BACKWARD_KINDS = KERNEL_KINDS[1:]
 # and dk/dv at D = 64, fp32 preprocess at D = 64 / 128, dq at D = 64 / 128 and dk/dv at
 # D = 64 / 128 spilled 8-16 bytes in some layout under one of the two versions.
 _GPU_CONFIGS = {
-    ("fwd", 2): {32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (128, 32, 8, 3, 16, 16),
+    ("fwd", 2): {32: (64, 32, 4, 2), 64: (128, 64, 8, 2, 64, 32), 128: (128, 32, 8, 3, 16, 16),
                  256: (16, 32, 8, 1)},
-    ("bwd_preprocess", 2): {32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (64, 32, 4, 2)},
-    ("bwd_dq", 2): {32: (64, 32, 4, 2), 64: (32, 32, 4, 1), 128: (128, 32, 8, 2)},
-    ("bwd_dkdv", 2): {32: (32, 32, 4, 2), 64: (32, 32, 8, 1), 128: (64, 32, 4, 2, 32)},
-    ("bwd_dmem", 2): {32: (32, 32, 4, 1), 64: (32, 32, 8, 2), 128: (32, 32, 4, 1)},
+    ("bwd_preprocess", 2): {32: (64, 32, 4, 2), 64: (128, 32, 8, 2), 128: (64, 32, 4, 2)},
+    ("bwd_dq", 2): {32: (64, 32, 4, 2), 64: (128, 32, 8, 2), 128: (128, 32, 8, 2)},
+    ("bwd_dkdv", 2): {32: (32, 32, 4, 2), 64: (64, 64, 4, 1, 64), 128: (64, 32, 4, 2, 32)},
+    ("bwd_dmem", 2): {32: (32, 32, 4, 1), 64: (64, 32, 2, 1), 128: (32, 32, 4, 1)},
     ("fwd", 4): {32: (16, 16, 4, 1), 64: (16, 16, 8, 1), 128: (16, 16, 4, 1), 256: (16, 16, 8, 1)},
     ("bwd_preprocess", 4): {32: (16, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 8, 2)},
     ("bwd_dq", 4): {32: (16, 16, 8, 2), 64: (16, 16, 8, 2), 128: (16, 16, 8, 2)},
@@ -173,7 +174,9 @@ _SM90_LAYOUT_CONFIGS = {
 # 3.6 once the backward derived the global P from the chunk's) takes 3 stages instead of 2.
 # sm_80 at D = 128, fp16/bf16: the linear-mode forward (no held global accumulator) fits
 # 128 x 64 tiles and 32 memory slots; dq with per-row ranges spills 16 bytes at 2 stages, the
-# linear-mode dk/dv 8 bytes (without the integer hints, under 3.9) at 2.
+# linear-mode dk/dv 8 bytes (without the integer hints, under 3.9) at 2; at D = 64 dk/dv spills
+# 8 bytes with per-row ranges at 1 stage and with packed documents at 64 keys (its 32-key
+# blocks run 1.5x the useful MMA work: 4 warps share a 32-row dot).
 _VARIANT_CONFIGS = {
     ("fwd", 4, 80, "_packed"): {128: (16, 16, 4, 2)},
     ("fwd", 4, 90, "_ranges"): {64: (16, 16, 8, 2)},
@@ -192,6 +195,9 @@ _VARIANT_CONFIGS = {
     ("bwd_dq", 4, 80, "_packed_linear"): {32: (16, 16, 8, 1), 64: (16, 16, 8, 3)},
     ("bwd_dq", 4, 90, "_ranges"): {128: (16, 16, 8, 3)},
     ("bwd_dkdv", 2, 90, "_linear"): {128: (32, 128, 8, 2, 16)},
+    ("bwd_dkdv", 2, 80, "_ranges"): {64: (64, 64, 4, 3, 64)},
+    ("bwd_dkdv", 2, 80, "_packed"): {64: (64, 32, 4, 2, 64)},
+    ("bwd_dkdv", 2, 80, "_packed_linear"): {64: (64, 32, 4, 2, 64)},
     ("bwd_dkdv", 4, 90, "_linear"): {32: (16, 16, 4, 1), 64: (16, 16, 8, 3)},
     ("bwd_dkdv", 4, 90, "_ranges_linear"): {64: (16, 16, 8, 3)},
 }
