@@ -143,12 +143,13 @@ _GPU_CONFIGS = {
 # same shapes fit with wider key tiles (forward: 128-key chunk tiles, 64 memory slots; dk/dv
 # 32-query masked tiles; dmem 64 x 64), picked with the cost report at --head-dim 64 (before,
 # the generic 64-row tiles at 8 warps replicated MMA work, 1.5-1.67x, and ran 3.1-5.7x the
-# yardstick).
+# yardstick); D = 32 takes the same forward, preprocess and dq tiles (before: 64 x 32 tiles on
+# 4 warps, main loops 1.6-1.8x the yardstick).
 _SM90_CONFIGS = {
-    ("fwd", 2): {64: (128, 128, 8, 2, 128, 64), 128: (128, 128, 8, 2, 64, 16),
-                 256: (16, 32, 8, 3)},
-    ("bwd_preprocess", 2): {64: (128, 64, 8, 2), 128: (128, 64, 8, 2)},
-    ("bwd_dq", 2): {64: (128, 64, 8, 2), 128: (128, 64, 8, 2)},
+    ("fwd", 2): {32: (128, 128, 8, 2, 128, 64), 64: (128, 128, 8, 2, 128, 64),
+                 128: (128, 128, 8, 2, 64, 16), 256: (16, 32, 8, 3)},
+    ("bwd_preprocess", 2): {32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 64, 8, 2)},
+    ("bwd_dq", 2): {32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 64, 8, 2)},
     ("bwd_dkdv", 2): {32: (32, 64, 4, 2), 64: (64, 128, 8, 2, 32), 128: (64, 128, 8, 2, 16)},
     ("bwd_dmem", 2): {32: (32, 64, 4, 1), 64: (64, 64, 4, 1), 128: (32, 64, 4, 1)},
 }
@@ -156,9 +157,10 @@ _SM90_CONFIGS = {
 
 # Replacements of _SM90_CONFIGS entries for one row layout (a ROW_LAYOUTS suffix) whose code
 # needs more registers, under Triton 3.9: the per-row key ranges' forward spills 72 bytes at
-# 128 x 128 and its dq 8 bytes at 128 x 64; the packed documents' dk/dv 72 bytes at 64 queries.
+# 128 x 128 and its dq 8 bytes at 128 x 64; the packed documents' dk/dv 72 bytes at 64 queries;
+# at D = 32 the ranges' forward 8 bytes at 128 x 128.
 _SM90_LAYOUT_CONFIGS = {
-    ("fwd", 2, "_ranges"): {128: (128, 64, 8, 2, 64, 16)},
+    ("fwd", 2, "_ranges"): {32: (128, 64, 8, 2, 64, 64), 128: (128, 64, 8, 2, 64, 16)},
     ("bwd_dq", 2, "_ranges"): {128: (128, 32, 8, 2)},
     ("bwd_dkdv", 2, "_packed"): {128: (32, 128, 8, 2, 16)},
 }

@@ -203,7 +203,7 @@ def test_rectangular_blocks(monkeypatch, blocks, key_major):
 
 @pytest.mark.parametrize("dtype, D, T, arch", [
     (F16, 32, 70, 80), (F16, 64, 150, 80), (F32, 128, 40, 80), (F16, 128, 140, 80),
-    (F16, 64, 150, 90), (F16, 128, 100, 90)])
+    (F16, 32, 150, 90), (F16, 64, 150, 90), (F16, 128, 100, 90)])
 def test_gpu_block_configs(monkeypatch, dtype, D, T, arch):
     """The GPU launch configurations of an arch in the interpreter (their tile shapes exercise
     the block-range logic): fp16 (64 / 32, 32 / 32, sm_80's 128-row tiles at D = 128 and, on
