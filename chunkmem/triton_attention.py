@@ -85,8 +85,8 @@ BACKWARD_KINDS = KERNEL_KINDS[1:]
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel kind, element size (2 or 4 bytes) and D.
 # BLOCK_M indexes queries, BLOCK_N keys (or memory slots). Every entry compiles for sm_80 and
-# sm_90 with no spill and shared memory under the sm_80/sm_90 limits (and under the 99 KB of
-# sm_86/sm_89), with Triton 3.6 (the GPU machine's) and with the newest Triton, as launches on
+# sm_90 with no spill and shared memory under the sm_90 limit and, for sm_80 (whose entries also
+# launch on sm_86/sm_89), under those GPUs' 99 KB, with Triton 3.6 (the GPU machine's) and with the newest Triton, as launches on
 # 16-byte-aligned tensors compile it, with and without the divisible-by-16 hints that integer
 # arguments such as T get (these hints change the code, and the spills):
 # `python -m chunkmem.compile_check` (.ci/run runs it under both). Found by compiling
