@@ -83,33 +83,27 @@ KERNEL_KINDS = ("fwd", "bwd_preprocess", "bwd_dq", "bwd_dkdv", "bwd_dmem")
 BACKWARD_KINDS = KERNEL_KINDS[1:]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel kind, element size (2 or 4 bytes) and D.
-# BLOCK_M indexes queries, BLOCK_N keys (or memory slots). Every entry compiles for sm_80 and
-# sm_90 with no spill and shared memory under the sm_90 limit and, for sm_80 (whose entries also
-# launch on sm_86/sm_89), under those GPUs' 99 KB, with Triton 3.6 (the GPU machine's) and with the newest Triton, as launches on
-# 16-byte-aligned tensors compile it, with and without the divisible-by-16 hints that integer
-# arguments such as T get (these hints change the code, and the spills):
-# `python -m chunkmem.compile_check` (.ci/run runs it under both). Found by compiling
-# candidates, not by timing (no GPU was available): the fused RoPE and the two online-softmax
-# states cost registers, so the tiles are smaller than a plain flash kernel's.
-# The registers ptxas allocates jump erratically with the configuration and the Triton version
-# (a neighbour of a spill-free entry often spills), so each entry was picked from a sweep.
-# fp32 uses exact ("ieee") dots, which run on FMA units: small tiles, many warps. The backward
-# at D = 256 has no entries, in any dtype, and goes to the torch backend (unsupported_reason):
-# its dq and dk/dv kernels spill at every configuration tried (fp16: 16 x 16 to 32 x 32 tiles,
-# 2-16 warps, 1-2 stages; at best 8 bytes, or spill-free under one Triton version only).
-# The fp16/bf16 entries at D = 64 and 128 are sm_80's alone (_SM90_CONFIGS replaces each on
-# sm_90): picked by the static cost report (`--cost --arch 80 --set ...`) among the spill-free
-# ones (D = 64: 128-row tiles with 64 keys in the forward, 64 x 64 in dk/dv); at D = 128
-# 128 queries x 32 keys and 8 warps in the forward (16-key chunk tiles and 16 memory slots
-# beside the global accumulator; 64-key tiles spill 8-32 bytes there), 128 x 32 in dq, 64
-# queries x 32 keys and 4 warps in dk/dv (64-key blocks spill 24-100 bytes at 4 and 8 warps).
-# Re-swept when the kernels gained the per-row range and document code (compiled in every
-# variant): fp16/bf16 preprocess at D = 64 (4 -> 8 warps), fp32 preprocess and dq at D = 32
-# (1 -> 2 stages) spilled 8-24 bytes under one of the two Triton versions. Re-swept again for the
-# kernels without in-loop RoPE and for the three row layouts compiled separately: fp16/bf16 dq
-# and dk/dv at D = 64, fp32 preprocess at D = 64 / 128, dq at D = 64 / 128 and dk/dv at
-# D = 64 / 128 spilled 8-16 bytes in some layout under one of the two versions.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, BLOCK_W[, BLOCK_S]]) per kernel kind, element size
+# (2 or 4 bytes) and D: the launch configurations of sm_80, and of sm_90 where _SM90_CONFIGS has
+# no entry (fp32). BLOCK_M indexes queries, BLOCK_N keys (or memory slots); the optional entries
+# are block_config's BLOCK_W and BLOCK_S. Every entry compiles with no spill, with Triton 3.6 (the
+# GPU machine's) and with the newest Triton, as launches on 16-byte-aligned tensors compile it,
+# with and without the divisible-by-16 hints that integer arguments such as T get (these hints
+# change the code, and the spills), and with shared memory under the sm_90 limit and, for sm_80
+# (whose entries also launch on sm_86/sm_89), under those GPUs' 99 KB:
+# `python -m chunkmem.compile_check` (.ci/run runs it under both). The registers ptxas
+# allocates jump erratically with the configuration and the Triton version (a neighbour of a
+# spill-free entry often spills), so each entry was picked from a sweep, not by timing (no GPU
+# was available). fp16/bf16 at D = 64 and 128: the spill-free candidate with the lowest cost in
+# the static report (`--cost --arch 80 --set ...`); at D = 128 the forward takes 128 queries x
+# 32 keys on 8 warps (16-key chunk tiles and 16 memory slots beside the global accumulator;
+# 64-key tiles spill 8-32 bytes there), dq 128 x 32, dk/dv 64 queries x 32 keys on 4 warps
+# (64-key blocks spill 24-100 bytes at 4 and 8 warps); at D = 64 the forward 128 x 64, dk/dv
+# 64 x 64. The fp16/bf16 D = 32 and the fp32 entries were swept for spills only. fp32 uses exact
+# ("ieee") dots, which run on FMA units: small tiles, many warps. The backward at D = 256 has no
+# entries, in any dtype, and goes to the torch backend (unsupported_reason): its dq and dk/dv
+# kernels spill at every configuration tried (fp16: 16 x 16 to 32 x 32 tiles, 2-16 warps, 1-2
+# stages; at best 8 bytes, or spill-free under one Triton version only).
 _GPU_CONFIGS = {
     ("fwd", 2): {32: (64, 32, 4, 2), 64: (128, 64, 8, 2, 64, 32), 128: (128, 32, 8, 3, 16, 16),
                  256: (16, 32, 8, 1)},
@@ -178,7 +172,7 @@ _SM90_LAYOUT_CONFIGS = {
 # 128 x 64 tiles and 32 memory slots; dq with per-row ranges spills 16 bytes at 2 stages, the
 # linear-mode dk/dv 8 bytes (without the integer hints, under 3.9) at 2; at D = 64 dk/dv spills
 # 8 bytes with per-row ranges at 1 stage and with packed documents at 64 keys (its 32-key
-# blocks run 1.5x the useful MMA work: 4 warps share a 32-row dot).
+# blocks compile to 1.5x the useful MMA work).
 _VARIANT_CONFIGS = {
     ("fwd", 4, 80, "_packed"): {128: (16, 16, 4, 2)},
     ("fwd", 4, 90, "_ranges"): {64: (16, 16, 8, 2)},

@@ -206,8 +206,9 @@ def test_rectangular_blocks(monkeypatch, blocks, key_major):
     (F16, 32, 150, 90), (F16, 64, 150, 90), (F16, 128, 100, 90)])
 def test_gpu_block_configs(monkeypatch, dtype, D, T, arch):
     """The GPU launch configurations of an arch in the interpreter (their tile shapes exercise
-    the block-range logic): fp16 (64 / 32, 32 / 32, sm_80's 128-row tiles at D = 128 and, on
-    sm_90, 64-row and 64-key tiles) and fp32 at D = 128; with and without the global path."""
+    the block-range logic): fp16 at D = 32 (sm_80's 64 x 32 tiles), the 128-row tiles of sm_80
+    at D = 64 / 128 and of sm_90 at D = 32 / 64 / 128 over two query tiles where T > 128, and
+    fp32 at D = 128; with and without the global path."""
     real = ta.block_config
     monkeypatch.setattr(ta, "block_config", lambda kind, dt, d, interpret=None, arch=80, layout="",
                         mode="", _arch=arch: real(kind, dt, d, interpret=False, arch=_arch,
