@@ -245,6 +245,29 @@ def test_ranges_rectangular_blocks(monkeypatch, blocks, key_major):
     check_against_reference(args, kwargs, dout_like(args[0]))
 
 
+@pytest.mark.parametrize("D, arch", [(32, 90), (64, 80), (128, 80)])
+def test_ranges_gpu_block_configs(monkeypatch, D, arch):
+    """The GPU launch configurations of the ranged and packed row layouts (their own entries in
+    _SM90_LAYOUT_CONFIGS / _VARIANT_CONFIGS: sm_90's 128 x 64 ranged forward at D = 32, sm_80's
+    ranged / packed dk/dv at D = 64 and ranged dq at D = 128), fp16, with and without the
+    global path, over two 128-row tiles, against the reference."""
+    real = ta.block_config
+    monkeypatch.setattr(ta, "block_config", lambda kind, dt, d, interpret=None, arch=80, layout="",
+                        mode="", _arch=arch: real(kind, dt, d, interpret=False, arch=_arch,
+                                                  layout=layout, mode=mode))
+    args = make_args(F16, 2, 2, 1, 150, 160, D, 6, (6, 2), seed=29)
+    for use_global in (True, False):
+        kwargs = dict(chunk_size=40, use_global=use_global, rope_base=10000.0,
+                      start_pos=i64(3, 0), scale=0.2, kv_start=i32(2, 30), kv_end=i32(160, 150))
+        check_against_reference(args, kwargs, dout_like(args[0]))
+    args = make_args(F16, 1, 2, 1, 150, 160, D, 4, (4, 3), seed=31, Bm=2)
+    for use_global in (True, False):
+        kwargs = dict(chunk_size=40, use_global=use_global, rope_base=10000.0, start_pos=2,
+                      scale=0.2, cu_seqlens_q=i32(0, 130, 150), cu_seqlens_k=i32(0, 135, 160),
+                      max_seqlen_q=130, max_seqlen_k=135)
+        check_against_reference(args, kwargs, dout_like(args[0]))
+
+
 @pytest.mark.parametrize("blocks, key_major", [((16, 16), False), ((32, 16), False),
                                                ((16, 32), True)])
 def test_linear_interior_rows(monkeypatch, blocks, key_major):
